@@ -1,0 +1,3 @@
+from styledistill.cli import app
+
+app()

@@ -1,0 +1,71 @@
+"""The scorer interface: a batch of views in, named float scores out.
+
+A *view* is a (content, style, target) triple of image ids. Scores are stored for every sample before any
+filter runs (filters/ only reads them). Most scorers compare per-image embeddings: `EmbeddingScorer` embeds
+each distinct image of a batch once and reuses it for every view that shares it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from styledistill.generation.base import BackendOptions, parse_options
+
+ROLES = ("content", "style", "target")
+
+
+@dataclass
+class ViewScores:
+    scores: dict[str, float] = field(default_factory=dict)  # a missing score is an absent key
+    notes: dict[str, str] = field(default_factory=dict)  # e.g. a judge's raw text when unparseable
+
+
+class Scorer(ABC):
+    """Subclasses set `name` (the score prefix), `Options`, and implement `setup`, `score_views`."""
+
+    name: str = "scorer"
+    Options: type[BackendOptions] = BackendOptions
+
+    def __init__(self, options: dict[str, Any], device: str = "cpu", threads: int = 1):
+        self.options = parse_options(self.Options, options, f"scorer {self.name}")
+        self.device = device
+        self.threads = threads
+
+    @abstractmethod
+    def setup(self) -> None:
+        """Load weights once per actor."""
+
+    @abstractmethod
+    def score_views(
+        self,
+        views: list[dict[str, str]],
+        images: dict[str, np.ndarray],
+        prior: list[dict[str, float]],
+    ) -> list[ViewScores]:
+        """`views[i]` maps role -> image id in `images`; `prior[i]` holds scores of earlier scorers."""
+
+    def model_info(self) -> dict[str, str]:
+        return {}
+
+
+class EmbeddingScorer(Scorer):
+    """Scores from per-image features; only the roles in `roles` are embedded."""
+
+    roles: tuple[str, ...] = ROLES
+
+    @abstractmethod
+    def embed(self, images: list[np.ndarray]) -> list[Any]:
+        """One feature object per image."""
+
+    @abstractmethod
+    def compare(self, features: dict[str, Any]) -> dict[str, float]:
+        """Scores for one view from its features by role (only `roles` present)."""
+
+    def score_views(self, views, images, prior):
+        ids = sorted({view[role] for view in views for role in self.roles})
+        features = dict(zip(ids, self.embed([images[i] for i in ids]))) if ids else {}
+        return [ViewScores(self.compare({r: features[v[r]] for r in self.roles})) for v in views]
