@@ -1,0 +1,22 @@
+"""The quality report of a run: summary.json (the numbers) and report.html (a page to audit them)."""
+
+from __future__ import annotations
+
+import json
+
+from styledistill.report.html import render_report
+from styledistill.pipeline import uris
+from styledistill.report.summary import build_summary
+from styledistill.schemas.manifest import REPORT_FILE, SUMMARY_FILE
+
+__all__ = ["build_summary", "render_report", "write_report"]
+
+
+def write_report(run_uri: str) -> tuple[str, str]:
+    """Summarise the run folder and write <run>/summary.json and <run>/report.html; returns their paths."""
+    summary = build_summary(run_uri)
+    summary_uri = uris.join(run_uri, SUMMARY_FILE)
+    report_uri = uris.join(run_uri, REPORT_FILE)
+    uris.write_text_atomic(summary_uri, json.dumps(summary, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    uris.write_text_atomic(report_uri, render_report(summary, run_uri))
+    return summary_uri, report_uri

@@ -1,0 +1,430 @@
+"""The quality report: one self-contained HTML page (inline CSS, inline SVG, thumbnails as data: URIs).
+
+Everything comes from the summary dict except the thumbnails, which are read from <run>/thumbs/. No
+scripts and no external assets, so the file can be mailed, archived, or opened offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from collections import defaultdict
+from html import escape
+from typing import Any
+
+import jinja2
+from markupsafe import Markup
+
+from styledistill.pipeline import uris
+from styledistill.schemas.config import RECIPES
+from styledistill.schemas.manifest import ACCEPTED, FAILED, REJECTED, THUMBS_DIR
+
+COLOURS = {ACCEPTED: "#2e7d32", REJECTED: "#c62828", FAILED: "#9e9e9e"}
+OTHER_COLOUR = "#6a1b9a"
+THRESHOLD_COLOUR = "#1565c0"
+INHERITED_COLOUR = "#ef6c00"
+MAX_REASON_BARS = 25
+MAX_THUMB_FILES = 64  # thumbnail files read, spread evenly over the shards
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Number formatting
+
+
+def fmt_num(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if abs(value) >= 10 ** digits:
+        return f"{value:,.0f}"  # no exponent for large rates and counts
+    return f"{value:.{digits}g}"
+
+
+def fmt_pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def fmt_bytes(value: int | None) -> str:
+    if not value:
+        return "0 B"
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def fmt_seconds(value: float | None) -> str:
+    if value is None:
+        return "–"
+    if value < 120:
+        return f"{value:.1f} s"
+    if value < 7200:
+        return f"{value / 60:.1f} min"
+    return f"{value / 3600:.2f} h"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SVG charts
+
+
+def histogram_svg(column: str, score: dict[str, Any], width: int = 380, height: int = 190) -> str:
+    """Stacked bars per bin (accepted, rejected, failed) with the configured threshold lines."""
+    hist = score["histogram"]
+    edges, counts = hist["edges"], hist["counts"]
+    if not edges:
+        return '<p class="muted">no values</p>'
+    left, right, top, bottom = 40, 10, 14 + 12 * len(score["thresholds"]), 22
+    plot_w, plot_h = width - left - right, height - top - bottom
+    bins = len(edges) - 1
+    totals = [sum(counts[s][i] for s in counts) for i in range(bins)]
+    peak = max(totals) or 1
+    low, high = edges[0], edges[-1]
+
+    def x_of(value: float) -> float:
+        return left + (value - low) / (high - low) * plot_w
+
+    parts = [
+        f'<svg class="hist" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="histogram of {escape(column)}">',
+        f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#888"/>',
+        f'<text x="{left - 4}" y="{top + 4}" class="tick" text-anchor="end">{peak:,}</text>',
+        f'<text x="{left - 4}" y="{top + plot_h}" class="tick" text-anchor="end">0</text>',
+    ]
+    bar_w = plot_w / bins
+    for i in range(bins):
+        y = top + plot_h
+        for status, per_bin in counts.items():
+            n = per_bin[i]
+            if not n:
+                continue
+            h = n / peak * plot_h
+            y -= h
+            tip = f"{status}: {n:,} in [{fmt_num(edges[i])}, {fmt_num(edges[i + 1])})"
+            parts.append(
+                f'<rect class="bar {escape(status)}" x="{left + i * bar_w + 0.5:.2f}" y="{y:.2f}" '
+                f'width="{max(bar_w - 1, 0.5):.2f}" height="{h:.2f}" '
+                f'fill="{COLOURS.get(status, OTHER_COLOUR)}"><title>{escape(tip)}</title></rect>'
+            )
+    for k in range(5):
+        value = low + (high - low) * k / 4
+        anchor = "start" if k == 0 else "end" if k == 4 else "middle"
+        parts.append(
+            f'<text x="{x_of(value):.2f}" y="{height - 6}" class="tick" text-anchor="{anchor}">'
+            f"{fmt_num(value, 3)}</text>"
+        )
+    for j, line in enumerate(score["thresholds"]):
+        x = x_of(line["value"])
+        label = threshold_label(line)
+        label_y = 11 + 12 * j
+        anchor = "end" if x > left + plot_w / 2 else "start"
+        dx = -3 if anchor == "end" else 3
+        parts.append(
+            f'<line class="threshold" data-value="{line["value"]!r}" data-bound="{line["bound"]}" '
+            f'x1="{x:.2f}" y1="{label_y - 3}" x2="{x:.2f}" y2="{top + plot_h}" stroke="{THRESHOLD_COLOUR}" '
+            f'stroke-width="1.5" stroke-dasharray="4 2"><title>{escape(label)}</title></line>'
+            f'<text x="{x + dx:.2f}" y="{label_y}" class="thr" text-anchor="{anchor}">{escape(label)}</text>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def threshold_label(line: dict[str, Any]) -> str:
+    """e.g. "min 0.5", "sns min 0.3", "gen max 0.9"."""
+    words = []
+    if line["level"] == "generation":
+        words.append("gen")
+    if line["recipes"]:
+        words.append("/".join(line["recipes"]))
+    words += [line["bound"], fmt_num(line["value"])]
+    return " ".join(words)
+
+
+def reasons_svg(reasons: list[dict[str, Any]], width: int = 920) -> str:
+    """Horizontal bars, one per rule (inherited-from-parent rules in their own colour)."""
+    shown = reasons[:MAX_REASON_BARS]
+    rest = sum(r["count"] for r in reasons[MAX_REASON_BARS:])
+    rows = [(reason_label(r), r["count"], r.get("inherited", False), r.get("share")) for r in shown]
+    if rest:
+        rows.append((f"{len(reasons) - MAX_REASON_BARS} more rules", rest, False, None))
+    label_w, row_h, right = 360, 20, 110
+    height = row_h * len(rows) + 6
+    peak = max(count for _, count, _, _ in rows)
+    bar_span = width - label_w - right
+    parts = [
+        f'<svg class="reasons" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="rejection reasons">'
+    ]
+    for i, (label, count, inherited, share) in enumerate(rows):
+        y = 3 + i * row_h
+        bar = max(count / peak * bar_span, 1)
+        colour = INHERITED_COLOUR if inherited else COLOURS[REJECTED]
+        short = label if len(label) <= 50 else label[:49] + "…"
+        parts.append(
+            f'<text x="{label_w - 6}" y="{y + 14}" text-anchor="end" class="lbl">{escape(short)}'
+            f"<title>{escape(label)}</title></text>"
+            f'<rect class="reason" x="{label_w}" y="{y + 2}" width="{bar:.2f}" height="{row_h - 5}" '
+            f'fill="{colour}"/>'
+            f'<text x="{label_w + bar + 5:.2f}" y="{y + 14}" class="lbl">{count:,}'
+            f'{f" ({fmt_pct(share)})" if share is not None else ""}</text>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def reason_label(reason: dict[str, Any]) -> str:
+    """"content.effnet_cos < 0.5"; several thresholds (per-recipe bands) are listed together."""
+    thresholds = reason.get("thresholds") or []
+    text = reason["rule"]
+    if thresholds:
+        values = ", ".join(fmt_num(t) for t in thresholds)
+        text += f" {values}" if len(thresholds) == 1 else f" {{{values}}}"
+    return ("parent: " if reason.get("inherited") else "") + text
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Thumbnails
+
+
+def collect_thumbnails(run_uri: str, shard_names: list[str], per_status: int) -> dict[str, list[dict[str, Any]]]:
+    """Up to `per_status` accepted and rejected triplets, from thumbnail files spread over the shards,
+    taken round-robin over recipes so every recipe is seen."""
+    stride = max(1, math.ceil(len(shard_names) / MAX_THUMB_FILES))
+    candidates: dict[str, dict[str, list]] = {ACCEPTED: defaultdict(list), REJECTED: defaultdict(list)}
+    for name in shard_names[::stride]:
+        uri = uris.join(run_uri, THUMBS_DIR, f"{name}.json")
+        if not uris.exists(uri):
+            continue
+        for key, item in sorted(json.loads(uris.read_bytes(uri)).items()):
+            status = item.get("status")
+            data = _jpeg_data_uri(item.get("jpeg_b64", ""))
+            if status in candidates and data:
+                candidates[status][item.get("recipe", "")].append(
+                    {"key": key, "recipe": item.get("recipe", ""), "reasons": item.get("reasons") or [],
+                     "shard": name, "src": data}
+                )
+    return {status: _round_robin(by_recipe, per_status) for status, by_recipe in candidates.items()}
+
+
+def _jpeg_data_uri(b64: str) -> str | None:
+    """A data: URI, only for text that really is base64 JPEG (it goes into an attribute verbatim)."""
+    try:
+        raw = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if not raw.startswith(b"\xff\xd8"):
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(raw).decode("ascii")
+
+
+def _round_robin(by_recipe: dict[str, list], limit: int) -> list:
+    order = [r for r in RECIPES if r in by_recipe] + sorted(r for r in by_recipe if r not in RECIPES)
+    picked, depth = [], 0
+    while len(picked) < limit and any(depth < len(by_recipe[r]) for r in order):
+        for recipe in order:
+            if depth < len(by_recipe[recipe]) and len(picked) < limit:
+                picked.append(by_recipe[recipe][depth])
+        depth += 1
+    return picked
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The page
+
+
+def render_report(summary: dict[str, Any], run_uri: str) -> str:
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
+                             lstrip_blocks=True)
+    env.filters.update(num=fmt_num, pct=fmt_pct, bytes=fmt_bytes, secs=fmt_seconds)
+    per_status = int(summary["run"].get("thumbnails_in_report") or 0)
+    thumbs = collect_thumbnails(run_uri, [s["name"] for s in summary["shards"]], per_status)
+    histograms = [
+        {"column": column, "score": score, "svg": Markup(histogram_svg(column, score)),
+         "labels": [threshold_label(line) for line in score["thresholds"]]}
+        for column, score in summary["scores"].items()
+    ]
+    reasons = summary["rejection_reasons"]
+    return env.from_string(TEMPLATE).render(
+        s=summary,
+        statuses=(ACCEPTED, REJECTED, FAILED),
+        colours=COLOURS,
+        histograms=histograms,
+        reasons_chart=Markup(reasons_svg(reasons)) if reasons else None,
+        reason_label=reason_label,
+        thumbs=thumbs,
+        config_json=json.dumps(summary["run"]["config"], indent=2, sort_keys=True),
+    )
+
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#222;margin:0;background:#f6f7f9}
+main{max-width:1240px;margin:0 auto;padding:16px 24px 48px}
+h1{font-size:22px;margin:8px 0 2px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
+.muted{color:#777}.mono{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px}
+.cards{display:flex;flex-wrap:wrap;gap:10px;margin:12px 0}
+.card{background:#fff;border:1px solid #e0e0e0;border-radius:6px;padding:8px 14px;min-width:110px}
+.card b{display:block;font-size:20px}.card span{color:#666;font-size:12px}
+table{border-collapse:collapse;background:#fff;margin:6px 0}
+th,td{border:1px solid #e3e3e3;padding:4px 8px;text-align:right;vertical-align:top}
+th{background:#f0f2f5;font-weight:600}td.l,th.l{text-align:left}
+tr:nth-child(even) td{background:#fafbfc}
+.warn{background:#fff4e5;border:1px solid #ffb74d;border-radius:6px;padding:8px 12px;margin:10px 0}
+.accepted{color:#2e7d32}.rejected{color:#c62828}.failed{color:#757575}
+.hists{display:grid;grid-template-columns:repeat(auto-fill,minmax(400px,1fr));gap:12px}
+.hcard{background:#fff;border:1px solid #e0e0e0;border-radius:6px;padding:8px 10px}
+.hcard h3{font-size:13px;margin:0 0 4px;font-family:ui-monospace,Menlo,Consolas,monospace}
+.hcard p{margin:2px 0;font-size:12px}
+svg text.tick{font-size:10px;fill:#555}svg text.thr{font-size:10px;fill:#1565c0}svg text.lbl{font-size:12px;fill:#222}
+.legend span{display:inline-block;margin-right:14px;font-size:12px}
+.legend i{display:inline-block;width:10px;height:10px;margin-right:4px;vertical-align:middle}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(290px,1fr));gap:10px}
+figure{margin:0;background:#fff;border:1px solid #e0e0e0;border-radius:6px;padding:6px}
+figure img{width:100%;height:auto;display:block;image-rendering:auto}
+figcaption{font-size:12px;margin-top:4px}figcaption ul{margin:2px 0 0 16px;padding:0;color:#c62828}
+.badge{display:inline-block;background:#e8eaf6;border-radius:3px;padding:0 5px;margin-right:4px;font-size:11px}
+details{margin:8px 0}summary{cursor:pointer;color:#1565c0}
+pre{background:#fff;border:1px solid #e0e0e0;padding:8px;overflow:auto;font-size:12px}
+"""
+
+TEMPLATE = (
+    """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>styledistill report – {{ s.run.name }} ({{ s.run.config_hash }})</title>
+<style>"""
+    + CSS
+    + """</style></head>
+<body><main>
+<h1>{{ s.run.name or "styledistill run" }}</h1>
+<div class="muted mono">{{ s.run.uri }} · config {{ s.run.config_hash }} · started {{ s.run.started or "–" }}</div>
+{% if s.run.versions %}
+<div class="muted mono">{% for lib, v in s.run.versions|dictsort %}{{ lib }} {{ v }}{% if not loop.last %} · {% endif %}{% endfor %}</div>
+{% endif %}
+<div class="cards">
+  <div class="card"><b>{{ s.totals.samples|num }}</b><span>samples in complete shards</span></div>
+  <div class="card"><b class="accepted">{{ s.totals.accepted|num }}</b><span>accepted ({{ s.totals.acceptance_rate|pct }})</span></div>
+  <div class="card"><b class="rejected">{{ s.totals.rejected|num }}</b><span>rejected</span></div>
+  <div class="card"><b class="failed">{{ s.totals.failed|num }}</b><span>failed</span></div>
+  <div class="card"><b>{{ s.totals.shards|num }}</b><span>complete shards · {{ s.totals.tar_bytes|bytes }}</span></div>
+  {% if s.sources %}<div class="card"><b>{{ s.sources.total|num }}</b><span>source files scanned</span></div>{% endif %}
+  {% if s.throughput.wall_s is not none %}<div class="card"><b>{{ s.throughput.wall_s|secs }}</b><span>wall time · {{ s.throughput.samples_per_s|num(3) }} samples/s</span></div>{% endif %}
+</div>
+{% if s.totals.incomplete_shards or s.totals.inconsistent_shards or s.totals.stats_without_manifest %}
+<div class="warn">
+  {% if s.totals.incomplete_shards %}<div>{{ s.totals.incomplete_shards|length }} shard(s) have a manifest but no stats file (unfinished) and are not counted: <span class="mono">{{ s.totals.incomplete_shards[:20]|join(", ") }}{% if s.totals.incomplete_shards|length > 20 %} …{% endif %}</span></div>{% endif %}
+  {% if s.totals.stats_without_manifest %}<div>{{ s.totals.stats_without_manifest|length }} stats file(s) without a manifest: <span class="mono">{{ s.totals.stats_without_manifest[:20]|join(", ") }}</span></div>{% endif %}
+  {% if s.totals.inconsistent_shards %}<div>{{ s.totals.inconsistent_shards|length }} shard(s) whose stats counts differ from their manifest: <span class="mono">{{ s.totals.inconsistent_shards[:20]|join(", ") }}</span></div>{% endif %}
+</div>
+{% endif %}
+
+<h2>Decisions by recipe</h2>
+<table>
+<tr><th class="l">recipe</th>{% for st in statuses %}<th class="{{ st }}">{{ st }}</th>{% endfor %}<th>total</th><th>accepted / total</th><th>accepted / scored</th></tr>
+{% for recipe, row in s.recipes.items() %}
+<tr><td class="l">{{ recipe }}</td>{% for st in statuses %}<td>{{ row[st]|num }}</td>{% endfor %}<td>{{ row.total|num }}</td><td>{{ row.acceptance_rate|pct }}</td><td>{{ row.pass_rate|pct }}</td></tr>
+{% endfor %}
+<tr><th class="l">all</th>{% for st in statuses %}<th>{{ s.totals[st]|num }}</th>{% endfor %}<th>{{ s.totals.samples|num }}</th><th>{{ s.totals.acceptance_rate|pct }}</th><th></th></tr>
+</table>
+
+<h2>Rejection reasons</h2>
+{% if reasons_chart %}
+<p class="muted">Each rule is counted once per rejected sample; a sample failing several rules counts for each. <span style="color:#ef6c00">Orange</span>: inherited from a failing parent generation. "sole": samples this rule alone rejected.</p>
+{{ reasons_chart }}
+<table>
+<tr><th class="l">rule</th><th>samples</th><th>share of rejected</th><th>sole</th>{% for r in s.recipes %}<th>{{ r }}</th>{% endfor %}<th class="l">example</th></tr>
+{% for r in s.rejection_reasons %}
+<tr><td class="l mono">{{ reason_label(r) }}</td><td>{{ r.count|num }}</td><td>{{ r.share|pct }}</td><td>{{ r.sole|num }}</td>{% for rc in s.recipes %}<td>{{ r.by_recipe.get(rc, 0)|num }}</td>{% endfor %}<td class="l mono">{{ r.examples[0] }}</td></tr>
+{% endfor %}
+</table>
+{% else %}<p class="muted">No rejected samples.</p>{% endif %}
+
+<h2>Failures</h2>
+{% if s.failures %}
+<table>
+<tr><th class="l">error kind</th><th>samples</th>{% for r in s.recipes %}<th>{{ r }}</th>{% endfor %}<th class="l">example</th></tr>
+{% for f in s.failures %}
+<tr><td class="l mono">{{ f.kind }}</td><td>{{ f.count|num }}</td>{% for rc in s.recipes %}<td>{{ f.by_recipe.get(rc, 0)|num }}</td>{% endfor %}<td class="l mono">{{ f.examples[0] }}</td></tr>
+{% endfor %}
+</table>
+{% else %}<p class="muted">No failed samples.</p>{% endif %}
+
+<h2>Scores</h2>
+<div class="legend">{% for st in statuses %}<span><i style="background:{{ colours[st] }}"></i>{{ st }}</span>{% endfor %}<span><i style="background:#1565c0;height:2px"></i>configured threshold (per-recipe bands name their recipes; "gen": generation rule)</span></div>
+<div class="hists">
+{% for h in histograms %}
+<div class="hcard">
+<h3>{{ h.column }}</h3>
+{{ h.svg }}
+<p>n={{ h.score.count|num }} · missing {{ h.score.missing|num }} · min {{ h.score.min|num }} · p5 {{ h.score.p05|num }} · median {{ h.score.p50|num }} · mean {{ h.score.mean|num }} · p95 {{ h.score.p95|num }} · max {{ h.score.max|num }}</p>
+<p class="muted">{% for st, b in h.score.by_status.items() %}{{ st }} mean {{ b.mean|num }} ({{ b.count|num }}{% if b.missing %}, {{ b.missing|num }} missing{% endif %}){% if not loop.last %} · {% endif %}{% endfor %}</p>
+<p class="muted">median by recipe: {% for r, b in h.score.by_recipe.items() %}{{ r }} {{ b.p50|num }}{% if not loop.last %} · {% endif %}{% endfor %}</p>
+{% if h.labels %}<p style="color:#1565c0">thresholds: {{ h.labels|join("; ") }}</p>{% else %}<p class="muted">no filter rule on this score</p>{% endif %}
+</div>
+{% endfor %}
+</div>
+{% if not histograms %}<p class="muted">No score columns in the manifests.</p>{% endif %}
+
+{% for st in ("accepted", "rejected") %}
+<h2>{{ st|capitalize }} samples <span class="muted">({{ thumbs[st]|length }} shown; each panel: content | style | target)</span></h2>
+{% if thumbs[st] %}
+<div class="grid">
+{% for t in thumbs[st] %}
+<figure><img src="{{ t.src }}" alt="{{ t.key }}" loading="lazy">
+<figcaption><span class="badge">{{ t.recipe }}</span><span class="mono">{{ t.key }}</span>
+{% if t.reasons %}<ul>{% for reason in t.reasons %}<li class="mono">{{ reason }}</li>{% endfor %}</ul>{% endif %}
+</figcaption></figure>
+{% endfor %}
+</div>
+{% else %}<p class="muted">No thumbnails.</p>{% endif %}
+{% endfor %}
+
+<h2>Throughput by stage</h2>
+{% if s.stages %}
+<table>
+<tr><th class="l">stage</th><th>actors</th><th>batches</th><th>groups</th><th>samples</th><th>busy</th><th>samples / busy-s per actor</th><th>utilisation</th><th>Σ shard stage time</th><th>samples / shard-s</th><th class="l">nodes</th></tr>
+{% for st in s.stages %}
+<tr><td class="l">{{ st.stage }}</td><td>{{ st.actors|num }}</td><td>{{ st.batches|num }}</td><td>{{ st.groups|num }}</td><td>{{ st.samples|num }}</td><td>{{ st.busy_s|secs }}</td><td>{{ st.samples_per_busy_s|num(3) }}</td><td>{{ st.utilisation|pct }}</td><td>{{ st.shard_seconds|secs }}</td><td>{{ st.samples_per_shard_s|num(3) }}</td><td class="l mono">{{ st.nodes|length }}{% if st.nodes %}: {{ st.nodes[:4]|join(", ") }}{% if st.nodes|length > 4 %} …{% endif %}{% endif %}</td></tr>
+{% endfor %}
+</table>
+{% if not s.throughput.metrics_present %}<p class="muted">metrics.json absent: Ray actor metrics unavailable, shard timings only.</p>{% endif %}
+{% else %}<p class="muted">No stage timings.</p>{% endif %}
+
+<h2>Sources</h2>
+{% if s.sources %}
+<table>
+<tr><th class="l">pool</th>{% for st in s.sources.by_status %}<th>{{ st }}</th>{% endfor %}</tr>
+{% for pool, counts in s.sources.by_pool.items() %}
+<tr><td class="l mono">{{ pool }}</td>{% for st in s.sources.by_status %}<td>{{ counts.get(st, 0)|num }}</td>{% endfor %}</tr>
+{% endfor %}
+<tr><th class="l">all</th>{% for st, n in s.sources.by_status.items() %}<th>{{ n|num }}</th>{% endfor %}</tr>
+</table>
+<p class="muted">Usable sources by label: {% for label, n in s.sources.ok_by_label.items() %}{{ label }} {{ n|num }}{% if not loop.last %} · {% endif %}{% endfor %}</p>
+{% if s.sources.failures %}
+<table>
+<tr><th class="l">failure</th><th>files</th><th class="l">example</th></tr>
+{% for f in s.sources.failures %}
+<tr><td class="l mono">{{ f.kind }}</td><td>{{ f.count|num }}</td><td class="l mono">{{ f.examples[0].uri }}<br>{{ f.examples[0].error }}</td></tr>
+{% endfor %}
+</table>
+{% else %}<p class="muted">No source failed to load.</p>{% endif %}
+{% else %}<p class="muted">sources.parquet absent.</p>{% endif %}
+
+<h2>Shards</h2>
+<details><summary>{{ s.shards|length }} complete shard(s)</summary>
+<table>
+<tr><th class="l">shard</th><th>planned</th><th>accepted</th><th>rejected</th><th>failed</th><th>tar</th><th class="l">check</th></tr>
+{% for sh in s.shards %}
+<tr><td class="l mono">{{ sh.name }}</td><td>{{ sh.planned|num }}</td><td>{{ sh.accepted|num }}</td><td>{{ sh.rejected|num }}</td><td>{{ sh.failed|num }}</td><td>{{ sh.tar_bytes|bytes }}</td><td class="l">{% if sh.consistent %}ok{% else %}<span class="rejected">stats ≠ manifest ({{ sh.rows|num }} rows)</span>{% endif %}</td></tr>
+{% endfor %}
+</table>
+</details>
+
+<h2>Configuration</h2>
+<details><summary>run config (hash {{ s.run.config_hash }})</summary><pre>{{ config_json }}</pre></details>
+</main></body></html>
+"""
+)

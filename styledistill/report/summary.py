@@ -1,0 +1,491 @@
+"""The numbers of a run: what was planned, accepted, rejected and why, from the run folder alone.
+
+`build_summary` reads run.json, every complete shard's manifest (once, only the columns it needs) and
+stats, sources.parquet and metrics.json, and returns a JSON-ready dict. Score histograms are carried as
+bin edges + counts per status, so the HTML report never needs the per-sample values.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter, defaultdict
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from styledistill.filters.rules import band
+from styledistill.pipeline import uris
+from styledistill.schemas.config import RECIPES, Rule
+from styledistill.schemas.manifest import (
+    ACCEPTED,
+    FAILED,
+    METRICS_FILE,
+    REJECTED,
+    RUN_FILE,
+    SCORE_PREFIX,
+    SHARDS_DIR,
+    SOURCES_FILE,
+)
+
+STATUSES = (ACCEPTED, REJECTED, FAILED)
+STAGE_ORDER = ("load", "generate", "score", "write")
+HISTOGRAM_BINS = 30
+PERCENTILES = (5, 25, 50, 75, 95)
+GENERATION_PREFIX = SCORE_PREFIX + "gen."  # generation-level scores: "score.gen.<scorer>.<name>"
+STATS_SUFFIX = "_stats.json"
+MANIFEST_READ_COLUMNS = ("recipe", "status", "reasons", "error")
+EXAMPLES_PER_GROUP = 3
+
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?inf|nan"
+_PARENT = re.compile(r"^parent\s+(?P<slot>[^:\s]+)\s*:\s*(?P<rest>.+)$")
+_DUPLICATE = re.compile(r"^duplicate of\b")
+# The writer's reasons (filters/rules.py): "content.effnet_cos < 0.5", "... > 0.9", "content.effnet_cos missing"
+_BAND = re.compile(rf"^(?P<score>[A-Za-z_][\w.\-]*)\s*(?P<op><=|>=|<|>)\s*(?P<thr>{_NUMBER})$")
+_MISSING = re.compile(r"^(?P<score>[A-Za-z_][\w.\-]*) missing$")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Grouping free-text reasons and errors
+
+
+def reason_group(reason: str) -> dict[str, Any]:
+    """How one reason string is counted: its rule key, whether inherited from a parent generation, threshold.
+
+    "content.effnet_cos < 0.5" and "content.effnet_cos < 0.3" (a per-recipe band) are one rule;
+    "parent r0: X" and "parent r1: X" are one inherited rule; "duplicate of <key>" is one rule.
+    """
+    text = reason.strip()
+    inherited = False
+    parent = _PARENT.match(text)
+    if parent:
+        inherited, text = True, parent.group("rest").strip()
+    threshold = None
+    if _DUPLICATE.match(text):
+        rule = "duplicate"
+    elif outside := _BAND.match(text):
+        rule = f"{outside.group('score')} {outside.group('op')}"
+        threshold = float(outside.group("thr"))
+    elif missing := _MISSING.match(text):
+        rule = f"{missing.group('score')} missing"
+    else:
+        rule = error_kind(text)
+    return {"rule": rule, "inherited": inherited, "threshold": threshold}
+
+
+def error_kind(text: str) -> str:
+    """An error message with its specifics (paths, ids, numbers, quoted values) masked, so alike errors group."""
+    line = (text or "").strip().splitlines()[0] if (text or "").strip() else "(no message)"
+    line = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", line)
+    line = re.sub(r"\b[\w+.-]+://\S+|(?:[\w.~-]*/[\w.~-]+){2,}", "<path>", line)
+    line = re.sub(r"\b[0-9a-fA-F]{8,}\b", "<id>", line)
+    line = re.sub(r"\d+(?:\.\d+)?", "N", line)
+    return line[:160]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Filter thresholds from the config, for the histograms
+
+
+def score_column(score: str, generation: bool, columns: set[str]) -> str:
+    """The manifest column a rule's `score` is drawn on. A generation rule judges each V1 output's
+    (c, s_i, r_i) view: its own "score.gen.*" column when the manifests carry one, else the triplet column
+    (an RnS triplet is exactly that view)."""
+    column = score if score.startswith(SCORE_PREFIX) else SCORE_PREFIX + score
+    generation_column = GENERATION_PREFIX + column[len(SCORE_PREFIX) :]
+    return generation_column if generation and generation_column in columns else column
+
+
+def rule_thresholds(filters: dict[str, Any], columns: set[str]) -> dict[str, list[dict[str, Any]]]:
+    """Column -> threshold lines {bound, value, recipes (None = every recipe), level}, merged by value."""
+    lines: dict[tuple, set[str]] = defaultdict(set)
+    for level, key in (("generation", "generation_rules"), ("triplet", "rules")):
+        for raw in filters.get(key) or []:
+            rule = Rule.model_validate(raw)
+            column = score_column(rule.score, level == "generation", columns)
+            # Generations are judged as RnS views whatever triplets they feed: their band is the rns one.
+            for recipe in RECIPES:
+                limits = band(rule, "rns" if level == "generation" else recipe)
+                for bound, value in zip(("min", "max"), limits or ()):
+                    if value is not None:
+                        lines[(column, level, bound, float(value))].add(recipe)
+    out: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for (column, level, bound, value), recipes in sorted(lines.items()):
+        every = recipes >= set(RECIPES)
+        out[column].append(
+            {"bound": bound, "value": value, "level": level, "recipes": None if every else _recipe_sorted(recipes)}
+        )
+    return dict(out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading the run folder
+
+
+def _read_json(uri: str) -> Any:
+    return json.loads(uris.read_bytes(uri))
+
+
+def _read_columns(uri: str, wanted: tuple[str, ...], prefix: str | None = None) -> pa.Table:
+    """The `wanted` columns that exist, plus any starting with `prefix`. Only those column chunks are read,
+    so the other columns of a manifest (lineage, notes) never leave storage."""
+    with uris.open_for_read(uri) as f:
+        parquet = pq.ParquetFile(f)
+        names = parquet.schema_arrow.names
+        columns = [c for c in wanted if c in names] + [c for c in names if prefix and c.startswith(prefix)]
+        return parquet.read(columns=columns)
+
+
+def _column(table: pa.Table, name: str, default: Any = None) -> list:
+    return table.column(name).to_pylist() if name in table.column_names else [default] * table.num_rows
+
+
+def _recipe_sorted(recipes) -> list[str]:
+    known = [r for r in RECIPES if r in recipes]
+    return known + sorted(r for r in recipes if r not in RECIPES)
+
+
+def list_shards(run_uri: str) -> tuple[list[str], list[str], list[str]]:
+    """(complete, incomplete, stats_without_manifest) shard names: a shard is complete once its stats exist."""
+    shards_dir = uris.join(run_uri, SHARDS_DIR)
+    if not uris.exists(shards_dir):
+        return [], [], []
+    names = set(uris.listdir(shards_dir))
+    manifests = {n[: -len(".parquet")] for n in names if n.endswith(".parquet")}
+    stats = {n[: -len(STATS_SUFFIX)] for n in names if n.endswith(STATS_SUFFIX)}
+    return sorted(manifests & stats), sorted(manifests - stats), sorted(stats - manifests)
+
+
+class _ScoreValues:
+    """Per-sample values of one score column, kept as compact arrays until the end of the scan."""
+
+    def __init__(self) -> None:
+        self.values: list[np.ndarray] = []
+        self.statuses: list[np.ndarray] = []
+        self.recipes: list[np.ndarray] = []
+
+    def add(self, values: np.ndarray, statuses: np.ndarray, recipes: np.ndarray) -> None:
+        finite = np.isfinite(values)
+        self.values.append(values[finite])
+        self.statuses.append(statuses[finite])
+        self.recipes.append(recipes[finite])
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return np.concatenate(self.values), np.concatenate(self.statuses), np.concatenate(self.recipes)
+
+
+def _codes(values: list[str], vocabulary: list[str]) -> np.ndarray:
+    """Small-int codes into a growing vocabulary (recipes and statuses are few)."""
+    index = {v: i for i, v in enumerate(vocabulary)}
+    codes = np.empty(len(values), dtype=np.int16)
+    for i, v in enumerate(values):
+        if v not in index:
+            index[v] = len(vocabulary)
+            vocabulary.append(v)
+        codes[i] = index[v]
+    return codes
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The summary
+
+
+def build_summary(run_uri: str) -> dict[str, Any]:
+    run = _read_json(uris.join(run_uri, RUN_FILE))
+    config = run.get("config") or {}
+    complete, incomplete, orphan_stats = list_shards(run_uri)
+
+    decisions: Counter = Counter()  # (recipe, status) -> samples
+    reasons: dict[tuple[str, bool], dict[str, Any]] = {}
+    failures: dict[str, dict[str, Any]] = {}
+    scores: dict[str, _ScoreValues] = defaultdict(_ScoreValues)
+    recipe_vocab: list[str] = []
+    status_vocab: list[str] = []
+    shard_rows: list[dict[str, Any]] = []
+    stage_seconds: Counter = Counter()
+    stage_nodes: dict[str, set[str]] = defaultdict(set)
+
+    shards_dir = uris.join(run_uri, SHARDS_DIR)
+    for name in complete:
+        stats = _read_json(uris.join(shards_dir, name + STATS_SUFFIX))
+        table = _read_columns(uris.join(shards_dir, name + ".parquet"), MANIFEST_READ_COLUMNS, SCORE_PREFIX)
+        score_columns = [c for c in table.column_names if c.startswith(SCORE_PREFIX)]
+        recipes, statuses = _column(table, "recipe"), _column(table, "status")
+        reason_lists, errors = _column(table, "reasons"), _column(table, "error")
+        decisions.update(zip(recipes, statuses))
+        for recipe, status, row_reasons, error in zip(recipes, statuses, reason_lists, errors):
+            if status == REJECTED:
+                _count_reasons(reasons, recipe, row_reasons or [])
+            elif status == FAILED:
+                _count_failure(failures, recipe, error or "; ".join(row_reasons or []))
+
+        recipe_codes = _codes(recipes, recipe_vocab)
+        status_codes = _codes(statuses, status_vocab)
+        for column in score_columns:
+            values = table.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
+            scores[column].add(values, status_codes, recipe_codes)
+
+        for stage, seconds in (stats.get("stage_seconds") or {}).items():
+            stage_seconds[stage] += float(seconds)
+        for stage, node in (stats.get("nodes") or {}).items():
+            stage_nodes[stage].add(str(node))
+        counts = Counter(statuses)
+        row = {
+            "name": name,
+            "shard": stats.get("shard"),
+            "rows": len(statuses),
+            "planned": stats.get("planned"),
+            "accepted": stats.get("accepted"),
+            "rejected": stats.get("rejected"),
+            "failed": stats.get("failed"),
+            "tar_bytes": stats.get("tar_bytes", 0),
+        }
+        # The stats file and the manifest are written by the same writer; disagreement is worth flagging.
+        row["consistent"] = all(row[s] == counts.get(s, 0) for s in STATUSES)
+        shard_rows.append(row)
+
+    rows_by_status = Counter()
+    for (_, status), n in decisions.items():
+        rows_by_status[status] += n
+    metrics = _read_metrics(run_uri)
+    thresholds = rule_thresholds(config.get("filters") or {}, set(scores))
+    total = sum(decisions.values())
+    return {
+        "run": {
+            "uri": str(run_uri),
+            "name": config.get("name", ""),
+            "config_hash": run.get("config_hash", ""),
+            "started": run.get("started", ""),
+            "versions": run.get("versions", {}),
+            "shard_prefix": (config.get("output") or {}).get("shard_prefix", ""),
+            "thumbnails_in_report": (config.get("output") or {}).get("thumbnails_in_report", 12),
+            "config": config,
+        },
+        "totals": {
+            "samples": total,
+            **{s: rows_by_status.get(s, 0) for s in STATUSES},
+            "acceptance_rate": _rate(rows_by_status.get(ACCEPTED, 0), total),
+            "shards": len(complete),
+            "incomplete_shards": incomplete,
+            "stats_without_manifest": orphan_stats,
+            "inconsistent_shards": [r["name"] for r in shard_rows if not r["consistent"]],
+            "tar_bytes": sum(r["tar_bytes"] or 0 for r in shard_rows),
+        },
+        "recipes": _recipe_table(decisions),
+        "rejection_reasons": _finish_groups(reasons, "rule", rows_by_status.get(REJECTED, 0)),
+        "failures": _finish_groups(failures, "kind", rows_by_status.get(FAILED, 0)),
+        "scores": _score_summaries(scores, rows_by_status, recipe_vocab, status_vocab, thresholds, decisions),
+        "thresholds": thresholds,
+        "stages": _stage_table(metrics, stage_seconds, stage_nodes, total),
+        "throughput": {
+            "wall_s": metrics.get("wall_s"),
+            "samples_per_s": metrics.get("samples_per_s"),
+            "metrics_present": bool(metrics),
+        },
+        "sources": _sources_summary(run_uri),
+        "shards": shard_rows,
+    }
+
+
+def _rate(part: int, whole: int) -> float | None:
+    return part / whole if whole else None
+
+
+def _count_reasons(groups: dict, recipe: str, row_reasons: list[str]) -> None:
+    """Count each rule once per sample; `sole` counts samples this rule alone rejected."""
+    seen: dict[tuple[str, bool], dict[str, Any]] = {}
+    for reason in row_reasons:
+        group = reason_group(reason)
+        seen.setdefault((group["rule"], group["inherited"]), {"raw": reason, "thresholds": set()})
+        if group["threshold"] is not None:
+            seen[(group["rule"], group["inherited"])]["thresholds"].add(group["threshold"])
+    for key, found in seen.items():
+        entry = groups.setdefault(
+            key,
+            {"rule": key[0], "inherited": key[1], "count": 0, "sole": 0, "by_recipe": Counter(),
+             "thresholds": set(), "examples": []},
+        )
+        entry["count"] += 1
+        entry["sole"] += len(seen) == 1
+        entry["by_recipe"][recipe] += 1
+        entry["thresholds"] |= found["thresholds"]
+        if len(entry["examples"]) < EXAMPLES_PER_GROUP and found["raw"] not in entry["examples"]:
+            entry["examples"].append(found["raw"])
+
+
+def _count_failure(groups: dict, recipe: str, error: str) -> None:
+    kind = error_kind(error)
+    entry = groups.setdefault(kind, {"kind": kind, "count": 0, "by_recipe": Counter(), "examples": []})
+    entry["count"] += 1
+    entry["by_recipe"][recipe] += 1
+    if len(entry["examples"]) < EXAMPLES_PER_GROUP and error not in entry["examples"]:
+        entry["examples"].append(error)
+
+
+def _finish_groups(groups: dict, label: str, whole: int) -> list[dict[str, Any]]:
+    """JSON-ready groups, most frequent first, with their share of the rejected (or failed) samples."""
+    out = []
+    for entry in groups.values():
+        item = dict(entry)
+        item["by_recipe"] = {r: entry["by_recipe"][r] for r in _recipe_sorted(entry["by_recipe"])}
+        item["share"] = _rate(entry["count"], whole)
+        if "thresholds" in item:
+            item["thresholds"] = sorted(entry["thresholds"])
+        out.append(item)
+    return sorted(out, key=lambda e: (-e["count"], e[label], e.get("inherited", False)))
+
+
+def _recipe_table(decisions: Counter) -> dict[str, dict[str, Any]]:
+    table = {}
+    for recipe in _recipe_sorted({r for r, _ in decisions}):
+        counts = {s: decisions.get((recipe, s), 0) for s in STATUSES}
+        other = sum(n for (r, s), n in decisions.items() if r == recipe and s not in STATUSES)
+        total = sum(counts.values()) + other
+        table[recipe] = {
+            **counts,
+            "other": other,
+            "total": total,
+            "acceptance_rate": _rate(counts[ACCEPTED], total),
+            # Of the samples that were scored at all, how many passed: the filters' own acceptance.
+            "pass_rate": _rate(counts[ACCEPTED], counts[ACCEPTED] + counts[REJECTED]),
+        }
+    return table
+
+
+def _score_summaries(scores, rows_by_status, recipe_vocab, status_vocab, thresholds, decisions) -> dict:
+    rows_by_recipe = Counter()
+    for (recipe, _), n in decisions.items():
+        rows_by_recipe[recipe] += n
+    total = sum(rows_by_status.values())
+    out = {}
+    for column in sorted(scores):
+        values, status_codes, recipe_codes = scores[column].arrays()
+        by_status = {}
+        for code, status in enumerate(status_vocab):
+            mine = values[status_codes == code]
+            by_status[status] = {
+                "count": int(mine.size),
+                "missing": rows_by_status.get(status, 0) - int(mine.size),
+                "mean": float(mine.mean()) if mine.size else None,
+            }
+        by_recipe = {}
+        for code, recipe in enumerate(recipe_vocab):
+            mine = values[recipe_codes == code]
+            by_recipe[recipe] = {
+                "count": int(mine.size),
+                "missing": rows_by_recipe.get(recipe, 0) - int(mine.size),
+                "p50": float(np.median(mine)) if mine.size else None,
+            }
+        lines = thresholds.get(column, [])
+        out[column] = {
+            "count": int(values.size),
+            "missing": total - int(values.size),
+            **_stats(values),
+            "by_status": {s: by_status[s] for s in sorted(by_status, key=_status_order)},
+            "by_recipe": {r: by_recipe[r] for r in _recipe_sorted(by_recipe)},
+            "histogram": _histogram(values, status_codes, status_vocab, [line["value"] for line in lines]),
+            "thresholds": lines,
+        }
+    return out
+
+
+def _status_order(status: str) -> tuple[int, str]:
+    return (STATUSES.index(status) if status in STATUSES else len(STATUSES), status)
+
+
+def _stats(values: np.ndarray) -> dict[str, float | None]:
+    keys = ["min", "max", "mean", "std"] + [f"p{p:02d}" for p in PERCENTILES]
+    if not values.size:
+        return {k: None for k in keys}
+    stats = {
+        "min": float(values.min()),
+        "max": float(values.max()),
+        "mean": float(values.mean()),
+        "std": float(values.std()),
+    }
+    for p, v in zip(PERCENTILES, np.percentile(values, PERCENTILES)):
+        stats[f"p{p:02d}"] = float(v)
+    return stats
+
+
+def _histogram(values: np.ndarray, status_codes: np.ndarray, status_vocab: list[str], marks: list[float]):
+    """30 equal bins over the values and the threshold lines (so every line falls inside the chart)."""
+    points = [float(v) for v in marks if math.isfinite(v)]
+    if values.size:
+        points += [float(values.min()), float(values.max())]
+    if not points:
+        return {"edges": [], "counts": {}}
+    low, high = min(points), max(points)
+    if low == high:
+        low, high = low - 0.5, high + 0.5
+    edges = np.linspace(low, high, HISTOGRAM_BINS + 1)
+    counts = {}
+    for code, status in enumerate(status_vocab):
+        mine = values[status_codes == code]
+        if mine.size:
+            counts[status] = np.histogram(mine, bins=edges)[0].astype(int).tolist()
+    return {"edges": edges.tolist(), "counts": {s: counts[s] for s in sorted(counts, key=_status_order)}}
+
+
+def _read_metrics(run_uri: str) -> dict[str, Any]:
+    uri = uris.join(run_uri, METRICS_FILE)
+    return _read_json(uri) if uris.exists(uri) else {}
+
+
+def _stage_table(metrics: dict, stage_seconds: Counter, stage_nodes: dict, samples: int) -> list[dict[str, Any]]:
+    """One row per stage: Ray actor metrics (metrics.json) next to the writers' per-shard stage timings."""
+    from_metrics = metrics.get("stages") or {}
+    wall = metrics.get("wall_s")
+    names = set(from_metrics) | set(stage_seconds) | set(stage_nodes)
+    ordered = [s for s in STAGE_ORDER if s in names] + sorted(names - set(STAGE_ORDER))
+    rows = []
+    for stage in ordered:
+        m = from_metrics.get(stage) or {}
+        busy, actors = m.get("busy_s"), m.get("actors")
+        seconds = stage_seconds.get(stage)
+        rows.append(
+            {
+                "stage": stage,
+                "actors": actors,
+                "batches": m.get("batches"),
+                "groups": m.get("groups"),
+                "samples": m.get("samples"),
+                "busy_s": busy,
+                # Per actor: samples per second of busy time. Utilisation: busy share of the wall time.
+                "samples_per_busy_s": m["samples"] / busy if busy and m.get("samples") is not None else None,
+                "utilisation": busy / (actors * wall) if busy is not None and actors and wall else None,
+                "shard_seconds": seconds,
+                "samples_per_shard_s": samples / seconds if seconds else None,
+                "nodes": sorted(stage_nodes.get(stage, ())),
+            }
+        )
+    return rows
+
+
+def _sources_summary(run_uri: str) -> dict[str, Any] | None:
+    uri = uris.join(run_uri, SOURCES_FILE)
+    if not uris.exists(uri):
+        return None
+    table = _read_columns(uri, ("uri", "pool", "label", "status", "error"))
+    statuses, pools, labels = _column(table, "status"), _column(table, "pool", ""), _column(table, "label")
+    by_pool: dict[str, Counter] = defaultdict(Counter)
+    failures: dict[str, dict[str, Any]] = {}
+    for source, pool, status, error in zip(_column(table, "uri", ""), pools, statuses, _column(table, "error")):
+        by_pool[str(pool)][status] += 1
+        if status == "failed":
+            kind = error_kind(error or "")
+            entry = failures.setdefault(kind, {"kind": kind, "count": 0, "examples": []})
+            entry["count"] += 1
+            if len(entry["examples"]) < EXAMPLES_PER_GROUP:
+                entry["examples"].append({"uri": source, "error": error})
+    ok_labels = Counter(str(label) for label, status in zip(labels, statuses) if status == "ok")
+    return {
+        "total": table.num_rows,
+        "by_status": dict(sorted(Counter(statuses).items())),
+        "by_pool": {pool: dict(sorted(c.items())) for pool, c in sorted(by_pool.items())},
+        "ok_by_label": dict(sorted(ok_labels.items())),
+        "failures": sorted(failures.values(), key=lambda e: (-e["count"], e["kind"])),
+    }
