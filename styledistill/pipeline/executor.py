@@ -116,6 +116,18 @@ def actor_options(resources: StageResources, retries: int) -> dict:
     return options
 
 
+def check_placeable(name: str, resources: StageResources) -> None:
+    """Fail at once, naming the stage, when no node could ever host one of its actors."""
+    import ray
+
+    for node in ray.nodes():
+        have = node["Resources"] if node["Alive"] else {}
+        if have.get("CPU", 0) >= resources.num_cpus and have.get("GPU", 0) >= resources.num_gpus:
+            return
+    raise RuntimeError(f"stage {name!r} asks for {resources.num_cpus} CPU and {resources.num_gpus} GPU per actor, "
+                       "but no node of the Ray cluster has that much")
+
+
 class _Pool:
     """Actors of one stage; a batch goes to the least loaded actor with room in its queue."""
 
@@ -143,6 +155,8 @@ class RayExecutor:
     def __init__(self, config: RunConfig, stages: list[Stage], writer: ShardWriter):
         self.config, self.stages, self.writer = config, stages, writer
         retries = config.ray.batch_retries
+        for stage in stages:
+            check_placeable(stage.name, stage.resources)
         self.pools = [_Pool(StageActor, stage.resources, retries, stage) for stage in stages]
 
     def actor_info(self) -> list[dict]:

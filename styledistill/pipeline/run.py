@@ -7,6 +7,8 @@ Rerunning the same command on the same run folder resumes it: the scan is reused
 from __future__ import annotations
 
 import json
+import math
+import os
 import platform
 import time
 from collections import Counter
@@ -107,8 +109,13 @@ def start_ray(config: RunConfig, address: str | None) -> None:
     address = address or config.ray.address
     if address:
         ray.init(address=address, logging_level="ERROR")
-    else:
-        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, logging_level="ERROR")
+        return
+    # A local Ray gets enough logical CPUs for one actor of every stage: on a laptop-sized machine the
+    # stages then share the cores instead of an actor waiting forever for a CPU that never frees up.
+    wanted = sum(getattr(config.stages, s.name).num_cpus * getattr(config.stages, s.name).concurrency
+                 for s in build_stages(config)) + config.stages.write.num_cpus * config.stages.write.concurrency
+    num_cpus = config.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(wanted))
+    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR")
 
 
 def split_pools(sources) -> tuple[list, list]:

@@ -89,7 +89,8 @@ class ShardWriter:
             tar.close()
             if rejects:
                 rejects.close()
-        tar_bytes = uris.size(uris.join(shards_dir, f"{name}.tar"))
+        fs, tar_path = uris.filesystem(uris.join(shards_dir, f"{name}.tar"))
+        tar_bytes = fs.size(tar_path)
         uris.write_bytes_atomic(uris.join(shards_dir, f"{name}.parquet"), _manifest_bytes(rows))
         uris.write_text_atomic(uris.join(self.run_uri, mf.THUMBS_DIR, f"{name}.json"), json.dumps(thumbs))
         result = ShardResult(shard=shard, name=name, groups=n_groups, planned=len(rows), accepted=counts[mf.ACCEPTED],
