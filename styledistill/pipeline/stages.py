@@ -94,8 +94,8 @@ class GenerateStage(Stage):
         for work in batch:
             for gen in work.group.generations:
                 missing = [s for s in (gen.content_slot, gen.style_slot) if s not in work.images]
-                if missing:
-                    work.fail(gen.slot, f"{gen.slot}: input {missing[0]} unavailable")
+                if missing:  # carry the root cause, so a derived triplet's error says what really broke
+                    work.fail(gen.slot, work.errors.get(missing[0], f"{gen.slot}: input {missing[0]} unavailable"))
                 else:
                     todo.append((work, gen))
         size = self.resources.batch_size
@@ -130,6 +130,9 @@ class EnhanceStage(Stage):
         self.enhancer = backends.build("enhancer", self.config.enhancer, _device(self.resources),
                                        _threads(self.resources))
         self.enhancer.setup()
+
+    def model_info(self):
+        return {"enhancer": self.enhancer.model_info()}
 
     def process(self, batch):
         todo = [(w, t) for w in batch for t in w.group.triplets
