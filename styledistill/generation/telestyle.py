@@ -1,8 +1,9 @@
 """TeleStyle V1 as a generator: Qwen-Image-Edit-2509 in diffusers, with the TeleStyle and Lightning LoRAs.
 
 Each request runs `[content, style]` with the request's prompt and seed, 4 steps, cfg 1 by default, and the
-output has the content's size. Weights are never downloaded here: `model` is a local pipeline folder or a
-hub id already in the local Hugging Face cache, so runs are offline whether or not HF_HUB_OFFLINE is set.
+output has the content's size. Weights are never downloaded from the hub: `model` is a local pipeline folder,
+a hub id already in the local Hugging Face cache, or a remote URL (s3://...) of a pipeline folder, copied once
+per node by `pipeline.staging` (as are LoRA URLs), so runs are offline whether or not HF_HUB_OFFLINE is set.
 
 Fidelity note: the diffusers/transformers combination changes the outputs (see the reference notes on
 Qwen2.5-VL M-RoPE); `model_info` records the versions with every sample.
@@ -35,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from styledistill.generation.base import BackendOptions, GenerationRequest, Generator
 from styledistill.generation.lora import LoadedLora, LoraSpec, load_loras
+from styledistill.pipeline.staging import staged
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -177,8 +179,9 @@ class TeleStyleEditPipeline(QwenImageEditPlusPipeline):
 
 
 def resolve_model(model: str) -> tuple[Path, str | None]:
-    """A local pipeline folder, or a hub id looked up only in the local cache: (folder, cache revision)."""
-    path = Path(model).expanduser()
+    """A local pipeline folder, a remote URL of one (copied to the node's cache), or a hub id looked up only
+    in the local cache: (folder, cache revision)."""
+    path = Path(staged(model, "TeleStyle model")).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
@@ -236,7 +239,8 @@ class TeleStyleGenerator(Generator):
         pipe.set_progress_bar_config(disable=True)
         if not options.cpu_offload:
             pipe.to(self.device)
-        specs = [LoraSpec(path=lora.path, name=lora.name, weight=lora.weight) for lora in options.loras]
+        specs = [LoraSpec(path=staged(lora.path, f"LoRA {lora.name}"), name=lora.name, weight=lora.weight)
+                 for lora in options.loras]
         self.loras: list[LoadedLora] = load_loras(pipe, specs, fuse=options.fuse_loras, strict=options.strict_loras)
         if options.cpu_offload:
             pipe.enable_model_cpu_offload(device=self.device)

@@ -62,6 +62,8 @@ def open_run_folder(config: RunConfig, run_uri: str) -> dict:
             raise ConfigError(
                 f"{run_uri} holds a run made with another config (hash {existing['config_hash']}, this one "
                 f"{config.content_hash()}); resume with the same config or choose a new output.uri")
+        # A resumed run: whatever a killed attempt was writing is incomplete by construction.
+        uris.remove_temp_files(run_uri)
         return existing
     meta = {"config": config.model_dump(mode="json"), "config_hash": config.content_hash(),
             "versions": library_versions(), "started": datetime.now(timezone.utc).isoformat()}

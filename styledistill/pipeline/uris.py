@@ -17,6 +17,8 @@ from typing import IO
 from fsspec import AbstractFileSystem
 from fsspec.core import url_to_fs
 
+TEMP_MARKER = ".tmp-"
+
 
 def is_url(uri: str) -> bool:
     return "://" in uri
@@ -79,7 +81,7 @@ def open_for_write_atomic(uri: str) -> Iterator[IO[bytes]]:
     if folder:
         fs.makedirs(folder, exist_ok=True)
     # The suffix goes last so globs for the final name ("*.tar", "*.parquet") never match a temp file.
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    tmp = f"{path}{TEMP_MARKER}{uuid.uuid4().hex}"
     try:
         with fs.open(tmp, "wb") as f:
             yield f
@@ -88,6 +90,17 @@ def open_for_write_atomic(uri: str) -> Iterator[IO[bytes]]:
         if fs.exists(tmp):
             fs.rm(tmp)
         raise
+
+
+def remove_temp_files(uri: str) -> int:
+    """Delete the temp files a killed writer left anywhere below the folder `uri`; returns how many."""
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        return 0
+    stale = [p for p in fs.find(path) if TEMP_MARKER in posixpath.basename(p)]
+    for p in stale:
+        fs.rm(p)
+    return len(stale)
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:

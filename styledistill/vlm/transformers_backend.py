@@ -14,6 +14,7 @@ import transformers
 from PIL import Image
 from transformers import AutoProcessor, BatchFeature, Qwen2_5_VLForConditionalGeneration
 
+from styledistill.pipeline.staging import is_remote
 from styledistill.scoring.model_files import TORCH_DTYPES, model_dir
 from styledistill.vlm.base import ChatRequest, ChatResult, TransformersVLMOptions, VLMClient
 
@@ -31,7 +32,7 @@ class TransformersVLM(VLMClient):
         name = self.options.model_path
         folder = model_dir(name, "VLM")
         # A cached hub id resolves to snapshots/<commit>: record which one answered.
-        self.revision = None if Path(name).expanduser().is_dir() else folder.name
+        self.revision = None if is_remote(name) or Path(name).expanduser().is_dir() else folder.name
         if self.device == "cpu":
             torch.set_num_threads(self.threads)
         default = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
