@@ -1,0 +1,127 @@
+"""Benchmark: the pipeline on local Ray against a bare in-process loop over the same models and plan.
+
+Each measured run is a child process; this process samples the resident memory of the child's whole
+process tree (driver and Ray workers) every 0.2 s, so "peak RSS" is what the machine really had to hold.
+Content photos beyond the 9 bundled ones are crops of them at other positions and scales: distinct
+images for the planner, real photographs for the models.
+
+    styledistill benchmark --n 8 --scale 10
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import psutil
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
+
+from styledistill.schemas.config import load_config
+
+DEMO_CONFIG = resources.files("styledistill") / "configs" / "demo.yaml"
+
+
+@dataclass
+class Measurement:
+    mode: str
+    photos: int
+    samples: int
+    wall_s: float
+    peak_rss_mb: float
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.wall_s
+
+
+def build_photo_pool(sample_dir: Path, out_dir: Path, count: int) -> Path:
+    """`count` distinct content photos: the bundled photos, then seeded crops of them."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    originals = sorted(p for p in (sample_dir / "realistic").glob("*.jpg") if p.stat().st_size > 1000)
+    rng = np.random.default_rng(0)
+    for n in range(count):
+        target = out_dir / f"photo_{n:05d}.jpg"
+        if target.exists():
+            continue
+        with Image.open(originals[n % len(originals)]) as img:
+            img = img.convert("RGB")
+            if n >= len(originals):
+                scale = rng.uniform(0.6, 0.9)
+                w, h = int(img.width * scale), int(img.height * scale)
+                x, y = int(rng.integers(0, img.width - w + 1)), int(rng.integers(0, img.height - h + 1))
+                img = img.crop((x, y, x + w, y + h))
+            img.save(target, quality=92)
+    return out_dir
+
+
+def _child_command(mode: str, photos_dir: Path, styles_dir: Path, photos: int, out: Path) -> list[str]:
+    return [sys.executable, "-m", "styledistill.bench", mode, str(photos_dir), str(styles_dir), str(photos), str(out)]
+
+
+def measure(mode: str, photos_dir: Path, styles_dir: Path, photos: int, out: Path) -> Measurement:
+    proc = subprocess.Popen(_child_command(mode, photos_dir, styles_dir, photos, out),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    root = psutil.Process(proc.pid)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.2)
+    stdout, stderr = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark child ({mode}) failed:\n{stderr[-3000:]}")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    return Measurement(mode, photos, result["samples"], result["wall_s"], peak / 2**20)
+
+
+def run_benchmark(n: int, workdir: Path, scale: int, console: Console) -> list[Measurement]:
+    from styledistill.pipeline.sample_data import build_sample_data
+
+    sample_dir = workdir / "sample-data"
+    build_sample_data(sample_dir, with_bad_files=False)
+    photos_dir = build_photo_pool(sample_dir, workdir / f"photos-{n * scale}", n * scale)
+    styles_dir = sample_dir / "stylized"
+    results = []
+    for photos in (n, n * scale):
+        for mode in ("inline", "ray"):
+            out = workdir / f"run-{mode}-{photos}-{int(time.time())}"
+            console.print(f"measuring {mode} on {photos} photos ...")
+            results.append(measure(mode, photos_dir, styles_dir, photos, out))
+    table = Table("mode", "photos", "samples", "wall s", "samples/s", "peak RSS MB")
+    for m in results:
+        table.add_row(m.mode, str(m.photos), str(m.samples), f"{m.wall_s:.1f}", f"{m.samples_per_s:.2f}",
+                      f"{m.peak_rss_mb:.0f}")
+    console.print(table)
+    bare_n, ray_n, bare_big, ray_big = results
+    console.print(f"pipeline / bare loop throughput: {ray_n.samples_per_s / bare_n.samples_per_s:.2f}x at N, "
+                  f"{ray_big.samples_per_s / bare_big.samples_per_s:.2f}x at {scale}xN (target >= 0.9x)")
+    console.print(f"peak RSS at {scale}xN / at N: pipeline {ray_big.peak_rss_mb / ray_n.peak_rss_mb:.2f}x, "
+                  f"bare loop {bare_big.peak_rss_mb / bare_n.peak_rss_mb:.2f}x (target: flat)")
+    return results
+
+
+def _child(mode: str, photos_dir: str, styles_dir: str, photos: int, out: str) -> None:
+    """One measured run; prints {"samples", "wall_s"} as its last line."""
+    from styledistill.pipeline.run import run_pipeline
+
+    config = load_config(Path(str(DEMO_CONFIG)), [
+        f"sources.0.uri={photos_dir}", f"sources.1.uri={styles_dir}", f"output.uri={out}",
+        f"plan.max_photos={photos}", "filters.dedup.phash_max_distance=null",  # crops are meant as distinct
+    ])
+    outcome = run_pipeline(config, inline=(mode == "inline"), report=False)
+    print(json.dumps({"samples": sum(outcome.counts.values()), "wall_s": outcome.wall_s}))
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
