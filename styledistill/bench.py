@@ -11,6 +11,7 @@ images for the planner, real photographs for the models.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -115,10 +116,12 @@ def _child(mode: str, photos_dir: str, styles_dir: str, photos: int, out: str) -
     """One measured run; prints {"samples", "wall_s"} as its last line."""
     from styledistill.pipeline.run import run_pipeline
 
-    config = load_config(Path(str(DEMO_CONFIG)), [
-        f"sources.0.uri={photos_dir}", f"sources.1.uri={styles_dir}", f"output.uri={out}",
-        f"plan.max_photos={photos}", "filters.dedup.phash_max_distance=null",  # crops are meant as distinct
-    ])
+    overrides = [f"sources.0.uri={photos_dir}", f"sources.1.uri={styles_dir}", f"output.uri={out}",
+                 f"plan.max_photos={photos}", "filters.dedup.phash_max_distance=null"]  # crops are meant as distinct
+    if mode == "inline":  # the bare loop's models get every core (their threads follow num_cpus)
+        cores = os.cpu_count() or 1
+        overrides += [f"stages.{stage}.num_cpus={cores}" for stage in ("generate", "score")]
+    config = load_config(Path(str(DEMO_CONFIG)), overrides)
     outcome = run_pipeline(config, inline=(mode == "inline"), report=False)
     print(json.dumps({"samples": sum(outcome.counts.values()), "wall_s": outcome.wall_s}))
 

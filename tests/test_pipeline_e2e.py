@@ -128,6 +128,19 @@ def test_ray_data_reads_the_shards(ray_run):
     assert {r["__key__"] for r in rows} == set(read_tars(ray_run))
 
 
+def test_hf_datasets_reads_the_shards(ray_run, monkeypatch):
+    import datasets
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # HF datasets cannot read an empty tar (a shard where every sample was rejected): sizes.json says which.
+    sizes = json.loads((ray_run / mf.SHARDS_DIR / mf.SIZES_FILE).read_text())
+    files = [str(ray_run / mf.SHARDS_DIR / name) for name, count in sizes.items() if count]
+    ds = datasets.load_dataset("webdataset", data_files={"train": files}, split="train",
+                               cache_dir=str(ray_run.parent / "hf-cache"))
+    assert sorted(ds["__key__"]) == sorted(read_tars(ray_run))
+    assert {"content.png", "style.png", "target.png", "txt", "json"} <= set(ds.column_names)
+
+
 def test_report_and_summary(ray_run):
     summary = json.loads((ray_run / mf.SUMMARY_FILE).read_text())
     df = read_manifests(ray_run)

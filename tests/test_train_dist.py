@@ -2,7 +2,8 @@ import socket
 
 import torch
 import torch.multiprocessing as mp
-from tiny_train_models import build_tiny_pipeline, write_run
+from tiny_qwen import build_tiny_pipeline
+from tiny_train_models import write_run
 
 from styledistill.jobs.train.config import SFTConfig
 from styledistill.jobs.train.model import lora_state_dict

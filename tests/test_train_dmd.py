@@ -3,7 +3,8 @@ import shutil
 
 import pytest
 import torch
-from tiny_train_models import build_tiny_pipeline, write_run
+from tiny_qwen import build_tiny_pipeline
+from tiny_train_models import write_run
 
 from styledistill.jobs.train.config import DMDConfig
 from styledistill.jobs.train.dmd import CRITIC, STUDENT, TEACHER, DMDTrainer

@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 from diffusers import QwenImageEditPlusPipeline
-from tiny_train_models import build_tiny_pipeline, write_run
+from tiny_qwen import build_tiny_pipeline
+from tiny_train_models import write_run
 
 from styledistill.jobs.train import flow
 from styledistill.jobs.train.config import SFTConfig

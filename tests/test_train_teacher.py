@@ -1,6 +1,7 @@
 import torch
 from diffusers import QwenImageEditPlusPipeline
-from tiny_train_models import build_tiny_pipeline, write_run
+from tiny_qwen import build_tiny_pipeline
+from tiny_train_models import write_run
 
 from styledistill.jobs.train.config import DMDConfig, SFTConfig
 from styledistill.jobs.train.dmd import STUDENT, DMDTrainer
