@@ -13,6 +13,7 @@ Ray Data's webdataset writer names blocks by uuid and cannot skip finished shard
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections import deque
@@ -23,6 +24,8 @@ from styledistill.pipeline.stages import Stage, run_stage
 from styledistill.pipeline.writer import ShardWriter
 from styledistill.schemas.config import RunConfig, StageResources
 from styledistill.schemas.records import Group, GroupWork, ShardResult
+
+logger = logging.getLogger(__name__)
 
 ShardCallback = Callable[[ShardResult], None]
 
@@ -121,10 +124,15 @@ def check_placeable(name: str, resources: StageResources) -> None:
     """Fail at once, naming the stage, when no node could ever host one of its actors."""
     import ray
 
-    for node in ray.nodes():
-        have = node["Resources"] if node["Alive"] else {}
-        if have.get("CPU", 0) >= resources.num_cpus and have.get("GPU", 0) >= resources.num_gpus:
-            return
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    if any(have.get("CPU", 0) >= resources.num_cpus and have.get("GPU", 0) >= resources.num_gpus
+           for have in nodes):
+        total_gpus = sum(have.get("GPU", 0) for have in nodes)
+        if resources.num_gpus * resources.concurrency > total_gpus:  # an autoscaler may still add nodes
+            logger.warning("stage %r wants %s GPUs for its %d actors but the cluster has %s now: "
+                           "the rest wait for nodes", name, resources.num_gpus * resources.concurrency,
+                           resources.concurrency, total_gpus)
+        return
     raise RuntimeError(f"stage {name!r} asks for {resources.num_cpus} CPU and {resources.num_gpus} GPU per actor, "
                        "but no node of the Ray cluster has that much")
 

@@ -2,9 +2,10 @@
 
 For each content photo `c` (in scan order) it draws `k` style references, decides which triplets to build
 (the recipe mix), the V1 generations those triplets need and the realistic partners `p` of SnR/RnR. Every
-random choice comes from a generator seeded by (run seed, the photo's bytes hash), so a group's plan does
-not depend on any other group, and the same inputs always give the same keys and seeds. Nothing is
-materialised beyond the source lists: the planner yields one group at a time.
+random choice comes from a generator seeded by (run seed, the photo's bytes hash), so a group's plan depends
+only on its photo and the pools it draws from (not on the order photos are planned in), and the same inputs
+always give the same keys and seeds. Nothing is materialised beyond the source lists: the planner yields
+one group at a time.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ class Planner:
         sources = {CONTENT_SLOT: content}
         sources.update({style_slot(i): self.stylized[int(j)] for i, j in enumerate(style_idx)})
 
-        chosen = self._choose_triplets(rng, k)
+        # Partners are distinct within a group (two RnR triplets with one partner would be one triplet).
+        chosen = self._choose_triplets(rng, k, max_partners=len(self.realistic) - 1)
         gen_seeds = [derive_seed(seed, "gen", i) for i in range(k)]
         instruction = self.config.prompt.instruction
         generations = {}
@@ -108,12 +110,11 @@ class Planner:
                                                    instruction)
 
         triplets = []
-        n_partners = 0
+        used_partners: set[int] = {index}
         for recipe, roles in chosen:
             if "p" in roles:
-                slot = partner_slot(n_partners)
-                sources[slot] = self._draw_partner(rng, index)
-                n_partners += 1
+                slot = partner_slot(len(used_partners) - 1)
+                sources[slot] = self.realistic[self._draw_partner(rng, used_partners)]
                 roles = tuple(slot if r == "p" else r for r in roles)
             ident = [self._identity(slot, sources, generations) for slot in roles]
             key = f"{recipe}_{stable_hash(recipe, *ident, self.plan.seed)}"
@@ -122,24 +123,31 @@ class Planner:
         return Group(f"grp_{stable_hash(content.sha256, self.plan.seed)}", 0, index, sources, gens,
                      tuple(triplets), seed)
 
-    def _choose_triplets(self, rng: np.random.Generator, k: int) -> list[tuple[str, tuple]]:
+    def _choose_triplets(self, rng: np.random.Generator, k: int, max_partners: int) -> list[tuple[str, tuple]]:
         """Draw `triplets_per_photo` triplets: a recipe by its share, then one of its unused candidates."""
         pools = {r: list(c) for r, c in _candidates(k).items() if self.shares[r] > 0}
         chosen = []
+        partners = 0
         for _ in range(self.plan.triplets_per_photo):
+            if partners >= max_partners:  # no distinct realistic photo left for another SnR/RnR
+                pools.pop("snr", None), pools.pop("rnr", None)
             open_recipes = [r for r in RECIPES if pools.get(r)]
             if not open_recipes:
                 break
             weights = np.array([self.shares[r] for r in open_recipes])
             recipe = open_recipes[rng.choice(len(open_recipes), p=weights / weights.sum())]
-            chosen.append((recipe, pools[recipe].pop(int(rng.integers(len(pools[recipe]))))))
+            roles = pools[recipe].pop(int(rng.integers(len(pools[recipe]))))
+            partners += "p" in roles
+            chosen.append((recipe, roles))
         return chosen
 
-    def _draw_partner(self, rng: np.random.Generator, content_index: int) -> SourceImage:
+    def _draw_partner(self, rng: np.random.Generator, used: set[int]) -> int:
+        """A realistic photo not yet in the group (the content photo is in `used` from the start)."""
         while True:
             j = int(rng.integers(len(self.realistic)))
-            if j != content_index:
-                return self.realistic[j]
+            if j not in used:
+                used.add(j)
+                return j
 
     @staticmethod
     def _identity(slot: str, sources: dict[str, SourceImage], generations: dict[str, Generation]) -> str:

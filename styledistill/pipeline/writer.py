@@ -144,7 +144,8 @@ class ShardWriter:
             "key": triplet.key, "recipe": triplet.recipe, "status": status, "reasons": reasons,
             "instruction": instruction, "prompts": notes.get("prompts"), "scores": scores,
             "generation_scores": {s: work.generation_scores.get(s, {}) for s in slots if s.startswith("r")},
-            "lineage": lineage, "group_id": work.group.group_id, "seed": work.group.seed, **self.run_meta,
+            "lineage": lineage, "group_id": work.group.group_id, "seed": work.group.seed,
+            "nodes": work.nodes, **self.run_meta,
         }
         ext = image_ext(self.config)
         sample = {

@@ -6,6 +6,7 @@ dataset can always be traced to the exact settings that made it.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -207,15 +208,17 @@ def _set_path(data: dict, dotted: str, raw: str) -> None:
 
 
 def parse_config(data: dict, overrides: list[str] | None = None) -> RunConfig:
-    data = json.loads(json.dumps(data))  # deep copy, and YAML-only types fail early
+    data = copy.deepcopy(data)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. plan.seed=3")
         key, raw = item.split("=", 1)
         try:
             _set_path(data, key.strip(), raw)
-        except (KeyError, IndexError, ValueError, TypeError) as err:
-            raise ConfigError(f"override {item!r}: {err}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)})") from None
+        except (KeyError, IndexError, ValueError, TypeError, AttributeError) as err:
+            raise ConfigError(f"override {item!r}: no such field path ({type(err).__name__}: {err})") from None
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
@@ -225,6 +228,13 @@ def parse_config(data: dict, overrides: list[str] | None = None) -> RunConfig:
         raise ConfigError(f"config field {where}: {first['msg']}{more}") from None
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's message in one line: the problem and where, without the quoted source snippet."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     path = Path(path)
     try:
@@ -232,7 +242,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping at the top level")
     base = path.parent
