@@ -68,8 +68,8 @@ def test_gpu_stages_run_only_on_the_gpu_node(tmp_path, cluster):
     for path in sorted((run / mf.SHARDS_DIR).glob("*_stats.json")):
         nodes = json.loads(path.read_text())["nodes"]
         assert set(nodes) == {"load", "generate", "score", "encode"}
-        assert nodes["generate"] == nodes["score"] == worker.node_id, path.name
-        load_nodes.add(nodes["load"])
+        assert nodes["generate"] == nodes["score"] == [worker.node_id], path.name
+        load_nodes.update(nodes["load"])
     assert load_nodes <= {head, worker.node_id}
     metrics = json.loads((run / mf.METRICS_FILE).read_text())
     assert metrics["stages"]["generate"]["actors"] == 1

@@ -100,7 +100,7 @@ def _make_run(root):
         counts = {s: sum(r["status"] == s for r in rows) for s in ("accepted", "rejected", "failed")}
         stats = {"shard": index, "name": name, "planned": len(rows), **counts, "tar_bytes": 1000 * (index + 1),
                  "stage_seconds": {"load": 1.0, "generate": 10.0, "score": 2.0, "write": 0.5},
-                 "nodes": {"generate": f"node{index}", "score": "node0"}}
+                 "nodes": {"generate": [f"node{index}"], "score": ["node0"]}}
         (shards / stats_name(name)).write_text(json.dumps(stats))
     _write_manifest(shards / f"{shard_name(PREFIX, 2)}.parquet", INCOMPLETE_ROWS, 2)
 

@@ -60,7 +60,9 @@ class ShardWriter:
         rows: list[dict] = []
         thumbs: dict[str, dict] = {}
         stage_seconds: Counter = Counter()
-        nodes: dict[str, str] = {}
+        # Which Ray nodes ran each stage for this shard. Kept out of the samples: their bytes must not
+        # depend on placement, so a resumed run reproduces them exactly.
+        nodes: dict[str, set[str]] = {}
         seen: dict[tuple, str] = {}
         counts: Counter = Counter()
         n_groups = 0
@@ -76,7 +78,8 @@ class ShardWriter:
                 n_groups += len(works)
                 for work in works:
                     stage_seconds.update(work.timings)
-                    nodes.update(work.nodes)
+                    for stage, node in work.nodes.items():
+                        nodes.setdefault(stage, set()).add(node)
                     for triplet in work.group.triplets:
                         row, sample = self._decide(work, triplet, seen, batch_error)
                         rows.append(row)
@@ -95,7 +98,8 @@ class ShardWriter:
         uris.write_text_atomic(uris.join(self.run_uri, mf.THUMBS_DIR, f"{name}.json"), json.dumps(thumbs))
         result = ShardResult(shard=shard, name=name, groups=n_groups, planned=len(rows), accepted=counts[mf.ACCEPTED],
                              rejected=counts[mf.REJECTED], failed=counts[mf.FAILED], tar_bytes=tar_bytes,
-                             stage_seconds=dict(stage_seconds), nodes=nodes)
+                             stage_seconds=dict(stage_seconds),
+                             nodes={stage: sorted(ids) for stage, ids in nodes.items()})
         uris.write_text_atomic(uris.join(shards_dir, mf.stats_name(name)), json.dumps(asdict(result), indent=1))
         return result
 
@@ -144,8 +148,7 @@ class ShardWriter:
             "key": triplet.key, "recipe": triplet.recipe, "status": status, "reasons": reasons,
             "instruction": instruction, "prompts": notes.get("prompts"), "scores": scores,
             "generation_scores": {s: work.generation_scores.get(s, {}) for s in slots if s.startswith("r")},
-            "lineage": lineage, "group_id": work.group.group_id, "seed": work.group.seed,
-            "nodes": work.nodes, **self.run_meta,
+            "lineage": lineage, "group_id": work.group.group_id, "seed": work.group.seed, **self.run_meta,
         }
         ext = image_ext(self.config)
         sample = {

@@ -230,8 +230,8 @@ def build_summary(run_uri: str) -> dict[str, Any]:
 
         for stage, seconds in (stats.get("stage_seconds") or {}).items():
             stage_seconds[stage] += float(seconds)
-        for stage, node in (stats.get("nodes") or {}).items():
-            stage_nodes[stage].add(str(node))
+        for stage, node_ids in (stats.get("nodes") or {}).items():
+            stage_nodes[stage].update(node_ids)
         counts = Counter(statuses)
         row = {
             "name": name,

@@ -107,4 +107,4 @@ class ShardResult:
     failed: int
     tar_bytes: int
     stage_seconds: dict[str, float]
-    nodes: dict[str, str] = field(default_factory=dict)  # stage -> node id that ran it
+    nodes: dict[str, list[str]] = field(default_factory=dict)  # stage -> ids of the nodes that ran it
