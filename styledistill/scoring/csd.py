@@ -34,7 +34,7 @@ from torch import nn
 
 from styledistill.generation.base import BackendOptions
 from styledistill.scoring.base import EmbeddingScorer
-from styledistill.scoring.model_files import TORCH_DTYPES, DType, batched, sha256_files, weights_file
+from styledistill.weights import TORCH_DTYPES, DType, batched, sha256_files, weights_file
 
 CSD_REPO = "tomg-group-umd/CSD-ViT-L"
 CSD_FILENAME = "pytorch_model.bin"

@@ -20,7 +20,7 @@ from transformers import AutoImageProcessor, AutoModel
 
 from styledistill.generation.base import BackendOptions
 from styledistill.scoring.base import EmbeddingScorer
-from styledistill.scoring.model_files import TORCH_DTYPES, DType, batched, model_dir, sha256_files
+from styledistill.weights import TORCH_DTYPES, DType, batched, model_dir, sha256_files
 
 DINOV2_TYPES = ("dinov2", "dinov2_with_registers")
 

