@@ -130,7 +130,7 @@ def _make_run(root):
     })
     pq.write_table(sources, root / "sources.parquet")
     metrics = {"wall_s": 20.0, "samples_per_s": 0.5,
-               "stages": {"generate": {"batches": 4, "groups": 5, "samples": 10, "busy_s": 20.0, "actors": 2}}}
+               "stages": {"generate": {"groups": 5, "samples": 10, "busy_s": 20.0, "actors": 2}}}
     (root / "metrics.json").write_text(json.dumps(metrics))
     return str(root)
 

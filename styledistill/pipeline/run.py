@@ -180,13 +180,15 @@ def _write_metrics(run_uri: str, config: RunConfig, outcome: RunOutcome, inline:
     for result in outcome.written:
         busy.update(result.stage_seconds)
     samples = sum(r.planned for r in outcome.written)
+    groups = sum(r.groups for r in outcome.written)
     metrics = {
         "wall_s": outcome.wall_s,
         "samples": samples,
         "shards_written": len(outcome.written),
         "shards_skipped": outcome.skipped_shards,
         "samples_per_s": samples / outcome.wall_s if outcome.wall_s else None,
-        "stages": {name: {"busy_s": seconds, "samples_per_busy_s": samples / seconds if seconds else None,
+        # Every stage sees every group of the shards written; busy_s is summed over the stage's actors.
+        "stages": {name: {"groups": groups, "samples": samples, "busy_s": seconds,
                           "actors": 1 if inline else getattr(config.stages, name).concurrency}
                    for name, seconds in busy.items()},
     }

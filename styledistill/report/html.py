@@ -385,9 +385,9 @@ TEMPLATE = (
 <h2>Throughput by stage</h2>
 {% if s.stages %}
 <table>
-<tr><th class="l">stage</th><th>actors</th><th>batches</th><th>groups</th><th>samples</th><th>busy</th><th>samples / busy-s per actor</th><th>utilisation</th><th>Σ shard stage time</th><th>samples / shard-s</th><th class="l">nodes</th></tr>
+<tr><th class="l">stage</th><th>actors</th><th>groups</th><th>samples</th><th>busy</th><th>samples / busy-s per actor</th><th>utilisation</th><th>Σ shard stage time</th><th>samples / shard-s</th><th class="l">nodes</th></tr>
 {% for st in s.stages %}
-<tr><td class="l">{{ st.stage }}</td><td>{{ st.actors|num }}</td><td>{{ st.batches|num }}</td><td>{{ st.groups|num }}</td><td>{{ st.samples|num }}</td><td>{{ st.busy_s|secs }}</td><td>{{ st.samples_per_busy_s|num(3) }}</td><td>{{ st.utilisation|pct }}</td><td>{{ st.shard_seconds|secs }}</td><td>{{ st.samples_per_shard_s|num(3) }}</td><td class="l mono">{{ st.nodes|length }}{% if st.nodes %}: {{ st.nodes[:4]|join(", ") }}{% if st.nodes|length > 4 %} …{% endif %}{% endif %}</td></tr>
+<tr><td class="l">{{ st.stage }}</td><td>{{ st.actors|num }}</td><td>{{ st.groups|num }}</td><td>{{ st.samples|num }}</td><td>{{ st.busy_s|secs }}</td><td>{{ st.samples_per_busy_s|num(3) }}</td><td>{{ st.utilisation|pct }}</td><td>{{ st.shard_seconds|secs }}</td><td>{{ st.samples_per_shard_s|num(3) }}</td><td class="l mono">{{ st.nodes|length }}{% if st.nodes %}: {{ st.nodes[:4]|join(", ") }}{% if st.nodes|length > 4 %} …{% endif %}{% endif %}</td></tr>
 {% endfor %}
 </table>
 {% if not s.throughput.metrics_present %}<p class="muted">metrics.json absent: Ray actor metrics unavailable, shard timings only.</p>{% endif %}

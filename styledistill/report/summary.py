@@ -450,7 +450,6 @@ def _stage_table(metrics: dict, stage_seconds: Counter, stage_nodes: dict, sampl
             {
                 "stage": stage,
                 "actors": actors,
-                "batches": m.get("batches"),
                 "groups": m.get("groups"),
                 "samples": m.get("samples"),
                 "busy_s": busy,
