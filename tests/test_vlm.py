@@ -143,7 +143,7 @@ def test_judge_with_in_process_model_keeps_unparseable_answer(tiny_vlm_path):
     scorer = judge({"backend": "transformers", "model_path": str(tiny_vlm_path)}, max_new_tokens=16)
     views, images = one_view()
     [result] = scorer.score_views(views, images, [{}])
-    assert result.scores == {}
+    assert result.scores == {"answered": 0.0}
     assert result.notes["judge_error"]
     assert "judge_raw" in result.notes
 
@@ -167,7 +167,8 @@ def test_endpoint_gets_three_images_in_order_as_data_urls_greedy():
     for part, role in zip(parts, ("content", "style", "target")):
         np.testing.assert_array_equal(decode_data_url(part["image_url"]["url"]), images[views[0][role]])
     assert parts[3]["text"] == JUDGE_PROMPT
-    assert result.scores == {"style": 7.0, "content": 4.0, "quality": 9.0, "leakage": 0.0, "overall": 6.0}
+    assert result.scores == {"style": 7.0, "content": 4.0, "quality": 9.0, "leakage": 0.0, "overall": 6.0,
+                             "answered": 1.0}
     assert result.notes == {}
 
 
@@ -219,9 +220,9 @@ def test_malformed_answers_leave_scores_missing_with_raw_text():
             views += view
             images.update(imgs)
         garbage, out_of_range, fenced = scorer.score_views(views, images, [{}, {}, {}])
-    assert garbage.scores == {} and garbage.notes["judge_error"] == "no JSON object in the answer"
+    assert garbage.scores == {"answered": 0.0} and garbage.notes["judge_error"] == "no JSON object in the answer"
     assert garbage.notes["judge_raw"] == long_garbage.strip()[:2000]
-    assert out_of_range.scores == {} and "out of range" in out_of_range.notes["judge_error"]
+    assert out_of_range.scores == {"answered": 0.0} and "out of range" in out_of_range.notes["judge_error"]
     assert fenced.scores["overall"] == 6.0 and fenced.notes == {}
 
 
@@ -241,7 +242,7 @@ def test_client_errors_are_not_retried():
         scorer = judge(endpoint(server, attempts=3))
         [result] = scorer.score_views(*one_view(), [{}])
     assert len(server.requests) == 1
-    assert result.scores == {} and result.notes["judge_error"].startswith("HTTP 400")
+    assert result.scores == {"answered": 0.0} and result.notes["judge_error"].startswith("HTTP 400")
 
 
 def test_endpoint_that_never_answers_gives_errors_within_attempts_times_timeout():
@@ -322,7 +323,7 @@ def test_routing_sends_only_the_band_to_the_judge():
     assert sorted(first_pixel(body) for body in server.requests) == [11, 13]
     assert inside.scores["style"] == 7.0 and unscored.scores["style"] == 7.0
     for skipped in (high, low):
-        assert skipped.scores == {}
+        assert skipped.scores == {}  # not even "answered": never routed
         assert skipped.notes["judge_skipped"].startswith("not routed: clip.content_cos=")
     with ScriptedServer(always(VALID)) as server:
         judge(endpoint(server)).score_views(views, images, prior)  # route null: everything is judged

@@ -144,11 +144,15 @@ class VLMJudgeScorer(Scorer):
             for i in routed
         ]
         for i, answer in zip(routed, self.client.chat(requests)):
+            # `answered` tells a routed view whose answer was unusable (0) from one never routed (absent),
+            # so a rule `judge.answered min 1, allow_missing` rejects the first and lets the second through.
+            results[i].scores["answered"] = 0.0
             if answer.error is not None:
                 results[i].notes["judge_error"] = answer.error
                 continue
             try:
                 results[i].scores.update(parse_judgement(answer.text))
+                results[i].scores["answered"] = 1.0
             except JudgeParseError as err:
                 results[i].notes["judge_error"] = str(err)
                 results[i].notes["judge_raw"] = answer.text[:RAW_LIMIT]
