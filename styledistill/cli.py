@@ -87,14 +87,14 @@ def run(config: Path = ConfigArg, overrides: list[str] = SetOpt, out: Optional[s
 def plan(config: Path = ConfigArg, overrides: list[str] = SetOpt, out: Optional[str] = OutOpt,
          show: int = typer.Option(5, help="Print the first N planned triplets.")):
     """Dry run: scan the sources into the run folder and print what would be generated."""
-    from styledistill.pipeline.run import open_run_folder, split_pools
+    from styledistill.pipeline.run import build_labeler, open_run_folder, split_pools
     from styledistill.pipeline.planner import Planner
     from styledistill.pipeline.scan import scan_sources
 
     cfg = _config(config, overrides, out)
     try:
         open_run_folder(cfg, cfg.output.uri)
-        planner = Planner(cfg, *split_pools(scan_sources(cfg, cfg.output.uri)))
+        planner = Planner(cfg, *split_pools(scan_sources(cfg, cfg.output.uri, build_labeler(cfg, inline=True))))
     except USER_ERRORS as err:
         _fail(err)
     recipes: Counter = Counter()

@@ -174,3 +174,33 @@ def test_real_backends_end_to_end(tmp_path, models):
 
     metrics = json.loads((run / mf.METRICS_FILE).read_text())
     assert {"load", "generate", "enhance", "score", "encode"} <= set(metrics["stages"])
+
+
+def test_classify_pool_is_labelled_by_a_labeler_actor_on_ray(tmp_path, models):
+    """An unlabelled pool goes through the CLIP labeler (tiny, random: labels here mean nothing) in its
+    own Ray actor during the scan; every file of the pool ends labelled, or unlabelled with the reason."""
+    from styledistill.pipeline.scan import scan_sources
+    from styledistill.pipeline.run import build_labeler, start_ray
+
+    write_photos(tmp_path / "photos")
+    write_stylized(tmp_path / "mixed")
+    config = parse_config({
+        "sources": [{"uri": str(tmp_path / "photos"), "label": "realistic"},
+                    {"uri": str(tmp_path / "mixed"), "label": "classify"}],
+        "labeler": {"backend": "clip", "options": {"model": "ViT-L-14", "pretrained": models["clip"],
+                                                    "model_cfg": TINY_CLIP, "abstain": [0.4999, 0.5001]}},
+        "stages": {"label": {"num_cpus": 0.5}},
+        "output": {"uri": str(tmp_path / "run")},
+    })
+    start_ray(config, None)
+    labeler = build_labeler(config, inline=False)
+    assert type(labeler).__name__ == "RemoteLabeler"
+    scan_sources(config, config.output.uri, labeler)
+    import pandas as pd
+
+    rows = pd.read_parquet(tmp_path / "run" / mf.SOURCES_FILE)
+    mixed = rows[rows.pool == 1]
+    assert len(mixed) == 3
+    for row in mixed.itertuples():
+        assert (row.status == "ok" and row.label in ("realistic", "stylized")) or \
+               (row.status == "unlabelled" and "abstained" in row.error)

@@ -20,9 +20,9 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from styledistill.pipeline.stages import Stage, run_stage
+from styledistill.pipeline.stages import Stage, build_backend, run_stage
 from styledistill.pipeline.writer import ShardWriter
-from styledistill.schemas.config import RunConfig, StageResources
+from styledistill.schemas.config import ModelSpec, RunConfig, StageResources
 from styledistill.schemas.records import Group, GroupWork, ShardResult
 
 logger = logging.getLogger(__name__)
@@ -103,6 +103,34 @@ class WriterActor:
                     yield groups, f"batch lost after retries: {type(err).__name__}: {str(err).splitlines()[0]}"
 
         return self.writer.write(shard, pulled())
+
+
+class LabelerActor:
+    """The scan's labeler (CLIP zero-shot) in its own actor, so it gets the GPU `stages.label` asks for."""
+
+    def __init__(self, spec: ModelSpec, resources: StageResources):
+        self.labeler = build_backend("labeler", spec, resources)
+        self.labeler.setup()
+
+    def label(self, images: list) -> list:
+        return self.labeler.label(images)
+
+
+class RemoteLabeler:
+    """Looks like a labeler to the scan; each call is one batch on the labeler actor."""
+
+    def __init__(self, config: RunConfig):
+        import ray
+
+        resources = config.stages.label
+        check_placeable("label", resources)
+        options = actor_options(resources, config.ray.batch_retries)
+        self.actor = ray.remote(LabelerActor).options(**options).remote(config.labeler, resources)
+
+    def label(self, images: list) -> list:
+        import ray
+
+        return ray.get(self.actor.label.remote(images))
 
 
 def _root_cause(err: Exception) -> str:

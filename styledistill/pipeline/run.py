@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 
-from styledistill import backends
 from styledistill.pipeline import uris
-from styledistill.pipeline.executor import InlineExecutor, RayExecutor
+from styledistill.pipeline.executor import InlineExecutor, RayExecutor, RemoteLabeler
 from styledistill.pipeline.planner import Planner
 from styledistill.pipeline.scan import scan_sources
-from styledistill.pipeline.stages import build_stages
+from styledistill.pipeline.stages import build_backend, build_stages
 from styledistill.pipeline.writer import ShardWriter
 from styledistill.schemas import manifest as mf
 from styledistill.schemas.config import ConfigError, RunConfig
@@ -120,6 +119,17 @@ def start_ray(config: RunConfig, address: str | None) -> None:
     ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR")
 
 
+def build_labeler(config: RunConfig, inline: bool):
+    """The labeler for `classify` pools: in a Ray actor placed by stages.label, or here when inline."""
+    if config.labeler is None:
+        return None
+    if not inline:
+        return RemoteLabeler(config)
+    labeler = build_backend("labeler", config.labeler, config.stages.label)
+    labeler.setup()
+    return labeler
+
+
 def split_pools(sources) -> tuple[list, list]:
     realistic = [s for s in sources if s.label == "realistic"]
     stylized = [s for s in sources if s.label == "stylized"]
@@ -134,11 +144,7 @@ def run_pipeline(config: RunConfig, *, ray_address: str | None = None, inline: b
     meta = open_run_folder(config, run_uri)
     if not inline:
         start_ray(config, ray_address)
-    labeler = None
-    if config.labeler is not None:
-        labeler = backends.build("labeler", config.labeler)
-        labeler.setup()
-    sources = scan_sources(config, run_uri, labeler)
+    sources = scan_sources(config, run_uri, build_labeler(config, inline))
     planner = Planner(config, *split_pools(sources))
     if on_plan is not None:
         on_plan(planner.photo_count())

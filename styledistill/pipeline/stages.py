@@ -16,7 +16,7 @@ import numpy as np
 from styledistill import backends
 from styledistill.generation.base import GenerationRequest
 from styledistill.pipeline import images
-from styledistill.schemas.config import RunConfig, StageResources
+from styledistill.schemas.config import ModelSpec, RunConfig, StageResources
 from styledistill.schemas.records import CONTENT_SLOT, GroupWork
 from styledistill.scoring.base import ViewScores
 
@@ -32,6 +32,11 @@ def _device(resources: StageResources) -> str:
 
 def _threads(resources: StageResources) -> int:
     return max(1, int(resources.num_cpus))
+
+
+def build_backend(kind: str, spec: ModelSpec, resources: StageResources):
+    """A model backend placed by its stage's resources: CUDA when given a GPU, threads from num_cpus."""
+    return backends.build(kind, spec, _device(resources), _threads(resources))
 
 
 def _error(err: BaseException) -> str:
@@ -82,8 +87,7 @@ class GenerateStage(Stage):
     name = "generate"
 
     def setup(self):
-        self.generator = backends.build("generator", self.config.generator, _device(self.resources),
-                                        _threads(self.resources))
+        self.generator = build_backend("generator", self.config.generator, self.resources)
         self.generator.setup()
 
     def model_info(self):
@@ -127,8 +131,7 @@ class EnhanceStage(Stage):
     name = "enhance"
 
     def setup(self):
-        self.enhancer = backends.build("enhancer", self.config.enhancer, _device(self.resources),
-                                       _threads(self.resources))
+        self.enhancer = build_backend("enhancer", self.config.enhancer, self.resources)
         self.enhancer.setup()
 
     def model_info(self):
@@ -153,8 +156,7 @@ class ScoreStage(Stage):
     name = "score"
 
     def setup(self):
-        device, threads = _device(self.resources), _threads(self.resources)
-        self.scorers = [backends.build("scorer", spec, device, threads) for spec in self.config.scorers]
+        self.scorers = [build_backend("scorer", spec, self.resources) for spec in self.config.scorers]
         for scorer in self.scorers:
             scorer.setup()
 

@@ -110,6 +110,7 @@ class StagesConfig(Strict):
     score: StageResources = StageResources(num_cpus=1.0)
     encode: StageResources = StageResources(num_cpus=0.25)
     write: StageResources = StageResources(num_cpus=0.25)
+    label: StageResources = StageResources(num_cpus=1.0)  # the scan's labeler, when a pool is `classify`
 
 
 class Rule(Strict):
