@@ -51,8 +51,14 @@ def _run(config: RunConfig, ray_address: Optional[str], inline: bool) -> None:
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[counts]}"), TimeElapsedColumn(), console=console) as progress:
-        task = progress.add_task("photos", total=None, counts="")
+        scan = progress.add_task("source files", total=None, counts="")
+        task = progress.add_task("photos", total=None, counts="", start=False)
         seen: Counter = Counter()
+
+        def on_plan(photos: int) -> None:
+            progress.update(scan, total=progress.tasks[scan].completed)  # the scan is over
+            progress.start_task(task)
+            progress.update(task, total=photos)
 
         def on_shard(result):
             seen.update(accepted=result.accepted, rejected=result.rejected, failed=result.failed)
@@ -61,7 +67,7 @@ def _run(config: RunConfig, ray_address: Optional[str], inline: bool) -> None:
 
         try:
             outcome = run_pipeline(config, ray_address=ray_address, inline=inline, on_shard=on_shard,
-                                   on_plan=lambda n: progress.update(task, total=n))
+                                   on_plan=on_plan, on_scan=lambda n: progress.advance(scan, n))
         except USER_ERRORS as err:
             _fail(err)
         except RuntimeError as err:  # a stage could not start: missing weights, no GPU for a GPU stage, ...

@@ -44,7 +44,7 @@ def placement_config(tmp_path, out: str) -> dict:
             "load": {"num_cpus": 0.25},
             "generate": {"num_cpus": 1, "num_gpus": 1},
             "score": {"num_cpus": 0.5, "num_gpus": 0.5},
-            "encode": {"num_cpus": 0.25},
+            "encode": {"num_cpus": 0.25, "resources": {"gpu_node": 0.1}},  # pinned by a custom resource
             "write": {"num_cpus": 0.25},
         },
         "ray": {"groups_per_batch": 1, "max_shards_in_flight": 2},
@@ -68,7 +68,7 @@ def test_gpu_stages_run_only_on_the_gpu_node(tmp_path, cluster):
     for path in sorted((run / mf.SHARDS_DIR).glob("*_stats.json")):
         nodes = json.loads(path.read_text())["nodes"]
         assert set(nodes) == {"load", "generate", "score", "encode"}
-        assert nodes["generate"] == nodes["score"] == [worker.node_id], path.name
+        assert nodes["generate"] == nodes["score"] == nodes["encode"] == [worker.node_id], path.name
         load_nodes.update(nodes["load"])
     assert load_nodes <= {head, worker.node_id}
     metrics = json.loads((run / mf.METRICS_FILE).read_text())
@@ -81,12 +81,14 @@ def test_a_gpu_stage_without_a_gpu_node_fails_at_once_naming_the_stage(tmp_path,
     check_placeable("generate", gpu)  # the worker can host it
     cluster.remove_node(worker)
     cluster.wait_for_nodes()
-    with pytest.raises(RuntimeError, match=r"stage 'generate' asks for 1.0 CPU and 1.0 GPU per actor, but no node"):
+    with pytest.raises(RuntimeError, match=r"stage 'generate' asks for 1 CPU, 1 GPU per actor, but no node"):
         check_placeable("generate", gpu)
     check_placeable("load", StageResources(num_cpus=0.25))  # CPU stages still fit on the head
+    with pytest.raises(RuntimeError, match=r"asks for 0.25 CPU, 1 h100 per actor"):
+        check_placeable("load", StageResources(num_cpus=0.25, resources={"h100": 1}))
 
     write_photos(tmp_path / "photos")
     write_stylized(tmp_path / "stylized")
     config = parse_config(placement_config(tmp_path, str(tmp_path / "run")))
-    with pytest.raises(RuntimeError, match="stage 'generate' asks for 1.0 CPU and 1.0 GPU"):
+    with pytest.raises(RuntimeError, match="stage 'generate' asks for 1 CPU, 1 GPU"):
         run_pipeline(config, ray_address=cluster.address, report=False)

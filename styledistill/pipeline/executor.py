@@ -145,6 +145,8 @@ def actor_options(resources: StageResources, retries: int) -> dict:
                "max_restarts": -1, "max_task_retries": retries}
     if resources.memory_gb:
         options["memory"] = int(resources.memory_gb * 1024**3)
+    if resources.resources:
+        options["resources"] = dict(resources.resources)
     return options
 
 
@@ -152,17 +154,17 @@ def check_placeable(name: str, resources: StageResources) -> None:
     """Fail at once, naming the stage, when no node could ever host one of its actors."""
     import ray
 
+    wanted = {"CPU": resources.num_cpus, "GPU": resources.num_gpus, **resources.resources}
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    if any(have.get("CPU", 0) >= resources.num_cpus and have.get("GPU", 0) >= resources.num_gpus
-           for have in nodes):
+    if any(all(have.get(name, 0) >= amount for name, amount in wanted.items()) for have in nodes):
         total_gpus = sum(have.get("GPU", 0) for have in nodes)
         if resources.num_gpus * resources.concurrency > total_gpus:  # an autoscaler may still add nodes
             logger.warning("stage %r wants %s GPUs for its %d actors but the cluster has %s now: "
                            "the rest wait for nodes", name, resources.num_gpus * resources.concurrency,
                            resources.concurrency, total_gpus)
         return
-    raise RuntimeError(f"stage {name!r} asks for {resources.num_cpus} CPU and {resources.num_gpus} GPU per actor, "
-                       "but no node of the Ray cluster has that much")
+    asked = ", ".join(f"{amount:g} {name}" for name, amount in wanted.items() if amount)
+    raise RuntimeError(f"stage {name!r} asks for {asked} per actor, but no node of the Ray cluster has that much")
 
 
 class _Pool:

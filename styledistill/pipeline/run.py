@@ -138,13 +138,14 @@ def split_pools(sources) -> tuple[list, list]:
 
 def run_pipeline(config: RunConfig, *, ray_address: str | None = None, inline: bool = False,
                  on_shard: Callable[[ShardResult], None] | None = None,
-                 on_plan: Callable[[int], None] | None = None, report: bool = True) -> RunOutcome:
+                 on_plan: Callable[[int], None] | None = None, on_scan: Callable[[int], None] | None = None,
+                 report: bool = True) -> RunOutcome:
     """Run (or resume) the job described by `config`. `inline` runs without Ray, in this process."""
     run_uri = config.output.uri
     meta = open_run_folder(config, run_uri)
     if not inline:
         start_ray(config, ray_address)
-    sources = scan_sources(config, run_uri, build_labeler(config, inline))
+    sources = scan_sources(config, run_uri, build_labeler(config, inline), on_scan)
     planner = Planner(config, *split_pools(sources))
     if on_plan is not None:
         on_plan(planner.photo_count())

@@ -9,7 +9,7 @@ is reused as is (resume), so a restarted run plans from exactly the same sources
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
@@ -92,7 +92,9 @@ def _label_view(arr: np.ndarray) -> np.ndarray:
 _decode_chunk_task = ray.remote(num_cpus=1)(decode_chunk)
 
 
-def scan_sources(config: RunConfig, run_uri: str, labeler: Any = None) -> list[SourceImage]:
+def scan_sources(config: RunConfig, run_uri: str, labeler: Any = None,
+                 on_chunk: Callable[[int], None] | None = None) -> list[SourceImage]:
+    """Scan (or reuse the scan of) every pool; `on_chunk(n)` reports progress, n files at a time."""
     out = uris.join(run_uri, SOURCES_FILE)
     if uris.exists(out):
         return read_sources(out)
@@ -116,6 +118,8 @@ def scan_sources(config: RunConfig, run_uri: str, labeler: Any = None) -> list[S
                 rows.append(row)
                 if row["status"] == OK:
                     kept.append(_source_image(row))
+            if on_chunk is not None:
+                on_chunk(len(chunk))
             if len(rows) >= ROWS_PER_GROUP:
                 writer.write_table(pa.Table.from_pylist(rows, schema=SOURCES_SCHEMA))
                 rows = []

@@ -98,6 +98,8 @@ class StageResources(Strict):
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     memory_gb: float | None = None
+    # Ray custom resources a node must offer, e.g. {"h100": 1} to pin the generator to one node type.
+    resources: dict[str, float] = {}
     concurrency: int = Field(1, ge=1)
     batch_size: int = Field(8, ge=1)  # items per model call inside the stage
     max_in_flight: int = Field(2, ge=1)  # batches queued per actor, so it never idles between batches
