@@ -232,7 +232,7 @@ def test_scan_on_ray_matches_in_process(pools):
     if started:
         ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
-        remote = scan_sources(config, str(pools / "remote"))
+        remote = scan_sources(config, str(pools / "remote"), use_ray=True)
     finally:
         if started:
             ray.shutdown()

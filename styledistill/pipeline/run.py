@@ -145,7 +145,7 @@ def run_pipeline(config: RunConfig, *, ray_address: str | None = None, inline: b
     meta = open_run_folder(config, run_uri)
     if not inline:
         start_ray(config, ray_address)
-    sources = scan_sources(config, run_uri, build_labeler(config, inline), on_scan)
+    sources = scan_sources(config, run_uri, build_labeler(config, inline), on_scan, use_ray=not inline)
     planner = Planner(config, *split_pools(sources))
     if on_plan is not None:
         on_plan(planner.photo_count())

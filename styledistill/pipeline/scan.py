@@ -1,6 +1,6 @@
 """Scan every source pool once: decode, validate, label, de-duplicate, and record it in sources.parquet.
 
-Decoding runs as Ray tasks over chunks of entries when Ray is up (in-process otherwise). Results are taken
+Decoding runs as Ray tasks over chunks of entries for a Ray run (in-process for an inline run or a plan). Results are taken
 back in submission order, so labels and "the first copy is kept" never depend on which task finished first.
 A bad file becomes a `failed` row with its reason; nothing here stops for one. An existing sources.parquet
 is reused as is (resume), so a restarted run plans from exactly the same sources.
@@ -93,8 +93,11 @@ _decode_chunk_task = ray.remote(num_cpus=1)(decode_chunk)
 
 
 def scan_sources(config: RunConfig, run_uri: str, labeler: Any = None,
-                 on_chunk: Callable[[int], None] | None = None) -> list[SourceImage]:
-    """Scan (or reuse the scan of) every pool; `on_chunk(n)` reports progress, n files at a time."""
+                 on_chunk: Callable[[int], None] | None = None, use_ray: bool = False) -> list[SourceImage]:
+    """Scan (or reuse the scan of) every pool; `on_chunk(n)` reports progress, n files at a time.
+
+    With `use_ray`, files are decoded in Ray tasks (Ray must be up); otherwise in this process.
+    """
     out = uris.join(run_uri, SOURCES_FILE)
     if uris.exists(out):
         return read_sources(out)
@@ -111,7 +114,7 @@ def scan_sources(config: RunConfig, run_uri: str, labeler: Any = None,
     kept: list[SourceImage] = []
     rows: list[dict[str, Any]] = []
     with uris.open_for_write_atomic(out) as f, pq.ParquetWriter(f, SOURCES_SCHEMA) as writer:
-        for chunk, decoded in _decode_all(config, classify_pools):
+        for chunk, decoded in _decode_all(config, classify_pools, use_ray):
             labels = _labels(chunk, decoded, classify_pools, labeler)
             for entry, result, (label, note) in zip(chunk, decoded, labels):
                 row = _row(entry, result, label, note, dedup)
@@ -140,11 +143,11 @@ def _chunks(entries: Iterable[SourceEntry]) -> Iterator[list[SourceEntry]]:
 
 
 def _decode_all(
-    config: RunConfig, classify_pools: frozenset[int]
+    config: RunConfig, classify_pools: frozenset[int], use_ray: bool
 ) -> Iterator[tuple[list[SourceEntry], list[Decoded]]]:
     """(chunk, results) in entry order; on Ray with a bounded number of tasks in flight."""
     chunks = _chunks(_entries(config))
-    if not ray.is_initialized():
+    if not use_ray:
         for chunk in chunks:
             yield chunk, decode_chunk(chunk, config.decode, classify_pools)
         return
