@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from styledistill.schemas.config import ModelSpec
+from styledistill.schemas.config import ModelSpec, RunConfig
 
 GENERATORS = {
     "magenta": "styledistill.generation.magenta:MagentaGenerator",
@@ -47,3 +47,15 @@ def backend_class(kind: str, name: str) -> type:
 def build(kind: str, spec: ModelSpec, device: str = "cpu", threads: int = 1) -> Any:
     """Instantiate a backend; its constructor validates `spec.options` (it loads no weights yet)."""
     return backend_class(kind, spec.backend)(spec.options, device=device, threads=threads)
+
+
+def check_backends(config: RunConfig) -> None:
+    """Every configured backend exists and accepts its options; run before any work so a typo in a model
+    option fails in a second, not after the scan when the actors start. Loads no weights."""
+    specs = [("generator", config.generator), *(("scorer", spec) for spec in config.scorers)]
+    specs += [(kind, spec) for kind, spec in (("enhancer", config.enhancer), ("labeler", config.labeler)) if spec]
+    for kind, spec in specs:
+        try:
+            build(kind, spec)
+        except ValueError as err:
+            raise BackendError(str(err)) from None

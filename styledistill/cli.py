@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from styledistill.backends import BackendError
+from styledistill.backends import BackendError, check_backends
 from styledistill.jobs.train.cli import train_app
 from styledistill.pipeline.planner import PlanError
 from styledistill.schemas.config import ConfigError, RunConfig, load_config
@@ -99,6 +99,7 @@ def plan(config: Path = ConfigArg, overrides: list[str] = SetOpt, out: Optional[
 
     cfg = _config(config, overrides, out)
     try:
+        check_backends(cfg)
         open_run_folder(cfg, cfg.output.uri)
         planner = Planner(cfg, *split_pools(scan_sources(cfg, cfg.output.uri, build_labeler(cfg, inline=True))))
     except USER_ERRORS as err:

@@ -60,6 +60,10 @@ def test_run_with_an_invalid_config_exits_2_with_one_line(tmp_path):
     (["run", "missing.yaml"], "error: config file not found: missing.yaml"),
     (["run", "{config}", "--set", "plan.seed"], "error: override 'plan.seed': expected KEY=VALUE, e.g. plan.seed=3"),
     (["plan", "{config}", "--set", "plan.recipes={rns: -1}"], "error: config field plan.recipes: Value error, "),
+    # Backend options are checked before any work: no scan, no run folder.
+    (["run", "{config}", "--set", "generator={backend: magenta, options: {strength: 7}}"],
+     "error: generator MagentaGenerator option strength: Input should be less than or equal to 1"),
+    (["plan", "{config}", "--set", "scorers=[{backend: clipp}]"], "error: unknown scorer backend 'clipp'; known:"),
 ])
 def test_other_user_errors_exit_2_without_traceback(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
@@ -69,6 +73,7 @@ def test_other_user_errors_exit_2_without_traceback(tmp_path, monkeypatch, args,
     assert isinstance(result.exception, SystemExit)
     assert result.output.startswith(message), result.output
     assert "Traceback" not in result.output
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("text,field", [

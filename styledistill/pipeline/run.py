@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 
+from styledistill.backends import check_backends
 from styledistill.pipeline import uris
 from styledistill.pipeline.executor import InlineExecutor, RayExecutor, RemoteLabeler
 from styledistill.pipeline.planner import Planner
@@ -141,6 +142,7 @@ def run_pipeline(config: RunConfig, *, ray_address: str | None = None, inline: b
                  on_plan: Callable[[int], None] | None = None, on_scan: Callable[[int], None] | None = None,
                  report: bool = True) -> RunOutcome:
     """Run (or resume) the job described by `config`. `inline` runs without Ray, in this process."""
+    check_backends(config)
     run_uri = config.output.uri
     meta = open_run_folder(config, run_uri)
     if not inline:
