@@ -7,6 +7,9 @@ are logical (no CUDA here), so the GPU stages run their models on the CPU, which
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import ray
@@ -16,6 +19,7 @@ from styledistill.pipeline.executor import check_placeable
 from styledistill.pipeline.run import run_pipeline
 from styledistill.schemas import manifest as mf
 from styledistill.schemas.config import StageResources, parse_config
+from conftest import DEMO_CONFIG
 from sample_images import write_photos, write_stylized
 
 
@@ -73,6 +77,24 @@ def test_gpu_stages_run_only_on_the_gpu_node(tmp_path, cluster):
     assert load_nodes <= {head, worker.node_id}
     metrics = json.loads((run / mf.METRICS_FILE).read_text())
     assert metrics["stages"]["generate"]["actors"] == 1
+
+
+def test_ray_job_entrypoint_joins_the_running_cluster(tmp_path, cluster, sample_data):
+    """What `ray job submit -- python -m styledistill.jobs.distill ...` runs: the driver joins the cluster
+    named by RAY_ADDRESS instead of starting its own Ray."""
+    cluster, worker = cluster
+    out = tmp_path / "run"
+    env = {**os.environ, "RAY_ADDRESS": cluster.address}
+    done = subprocess.run(
+        [sys.executable, "-m", "styledistill.jobs.distill", str(DEMO_CONFIG), "--out", str(out),
+         "--set", f"sources.0.uri={sample_data / 'realistic'}", "--set", f"sources.1.uri={sample_data / 'stylized'}",
+         "--set", "plan.max_photos=1"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    stats = [json.loads(p.read_text()) for p in (out / mf.SHARDS_DIR).glob("*_stats.json")]
+    # Its generate actor ran on one of this cluster's two nodes: it did not start a Ray of its own.
+    assert {n for s in stats for n in s["nodes"]["generate"]} <= {ray.get_runtime_context().get_node_id(),
+                                                                  worker.node_id}
 
 
 def test_a_gpu_stage_without_a_gpu_node_fails_at_once_naming_the_stage(tmp_path, cluster):
