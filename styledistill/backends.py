@@ -57,5 +57,7 @@ def check_backends(config: RunConfig) -> None:
     for kind, spec in specs:
         try:
             build(kind, spec)
+        except ImportError as err:
+            raise BackendError(f"{kind} backend {spec.backend!r} cannot be imported here: {err}") from None
         except ValueError as err:
             raise BackendError(str(err)) from None

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from styledistill.backends import BackendError, check_backends
 from styledistill.jobs.train.cli import train_app
+from styledistill.pipeline.executor import StageStartError
 from styledistill.pipeline.planner import PlanError
 from styledistill.schemas.config import ConfigError, RunConfig, load_config
 
@@ -70,7 +71,7 @@ def _run(config: RunConfig, ray_address: Optional[str], inline: bool) -> None:
                                    on_plan=on_plan, on_scan=lambda n: progress.advance(scan, n))
         except USER_ERRORS as err:
             _fail(err)
-        except RuntimeError as err:  # a stage could not start: missing weights, no GPU for a GPU stage, ...
+        except StageStartError as err:  # no node for a GPU stage, missing weights, ...
             _fail(err)
     counts = outcome.counts
     console.print(f"{outcome.shards} shards ({outcome.skipped_shards} already done): accepted {counts['accepted']}, "

@@ -92,6 +92,7 @@ def test_ray_job_entrypoint_joins_the_running_cluster(tmp_path, cluster, sample_
         env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     stats = [json.loads(p.read_text()) for p in (out / mf.SHARDS_DIR).glob("*_stats.json")]
+    assert stats
     # Its generate actor ran on one of this cluster's two nodes: it did not start a Ray of its own.
     assert {n for s in stats for n in s["nodes"]["generate"]} <= {ray.get_runtime_context().get_node_id(),
                                                                   worker.node_id}

@@ -57,9 +57,13 @@ class InlineExecutor:
             self.writer.run_meta.setdefault("models", {}).update(stage.model_info())
         pending: list[tuple[list[Group], list[GroupWork]]] = []
         for shard, batch, last in plan_batches(groups, self.config.ray.groups_per_batch, skip_shard):
-            works = [GroupWork(g) for g in batch]
+            works: list[GroupWork] | str = [GroupWork(g) for g in batch]
             for stage in self.stages:
-                works = run_stage(stage, works)
+                try:
+                    works = run_stage(stage, works)
+                except Exception as err:  # noqa: BLE001 - as on Ray: the batch's samples become failed rows
+                    works = f"batch failed in stage {stage.name}: {type(err).__name__}: {err}"
+                    break
             pending.append((batch, works))
             if last:
                 on_shard(self.writer.write(shard, pending))
@@ -123,7 +127,6 @@ class RemoteLabeler:
         import ray
 
         resources = config.stages.label
-        check_placeable("label", resources)
         options = actor_options(resources, config.ray.batch_retries)
         self.actor = ray.remote(LabelerActor).options(**options).remote(config.labeler, resources)
 
@@ -150,6 +153,19 @@ def actor_options(resources: StageResources, retries: int) -> dict:
     return options
 
 
+class StageStartError(RuntimeError):
+    """A stage cannot run: no node can host its actors, or its actors failed to start (e.g. missing weights)."""
+
+
+def check_cluster_fits(config: RunConfig, stages: list[Stage]) -> None:
+    """Before any work: every stage (and the writer, and the labeler if any) fits on some node."""
+    for stage in stages:
+        check_placeable(stage.name, stage.resources)
+    check_placeable("write", config.stages.write)
+    if config.labeler is not None:
+        check_placeable("label", config.stages.label)
+
+
 def check_placeable(name: str, resources: StageResources) -> None:
     """Fail at once, naming the stage, when no node could ever host one of its actors."""
     import ray
@@ -164,7 +180,7 @@ def check_placeable(name: str, resources: StageResources) -> None:
                            resources.concurrency, total_gpus)
         return
     asked = ", ".join(f"{amount:g} {name}" for name, amount in wanted.items() if amount)
-    raise RuntimeError(f"stage {name!r} asks for {asked} per actor, but no node of the Ray cluster has that much")
+    raise StageStartError(f"stage {name!r} asks for {asked} per actor, but no node of the Ray cluster has that much")
 
 
 class _Pool:
@@ -198,8 +214,6 @@ class RayExecutor:
     def __init__(self, config: RunConfig, stages: list[Stage], writer: ShardWriter):
         self.config, self.stages, self.writer = config, stages, writer
         retries = config.ray.batch_retries
-        for stage in stages:
-            check_placeable(stage.name, stage.resources)
         self.pools = [_Pool(StageActor, stage.resources, retries, stage, stage.name) for stage in stages]
 
     def actor_info(self) -> list[dict]:
@@ -211,7 +225,7 @@ class RayExecutor:
             try:
                 infos += ray.get([a.info.remote() for a in pool.actors])
             except ray.exceptions.RayActorError as err:
-                raise RuntimeError(f"stage {stage.name!r} could not start: {_root_cause(err)}") from None
+                raise StageStartError(f"stage {stage.name!r} could not start: {_root_cause(err)}") from None
         return infos
 
     def run(self, groups: Iterator[Group], skip_shard: Callable[[int], bool], on_shard: ShardCallback) -> None:

@@ -19,7 +19,7 @@ from importlib import metadata
 
 from styledistill.backends import check_backends
 from styledistill.pipeline import uris
-from styledistill.pipeline.executor import InlineExecutor, RayExecutor, RemoteLabeler
+from styledistill.pipeline.executor import InlineExecutor, RayExecutor, RemoteLabeler, check_cluster_fits
 from styledistill.pipeline.planner import Planner
 from styledistill.pipeline.scan import scan_sources
 from styledistill.pipeline.stages import build_backend, build_stages
@@ -145,15 +145,19 @@ def run_pipeline(config: RunConfig, *, ray_address: str | None = None, inline: b
     check_backends(config)
     run_uri = config.output.uri
     meta = open_run_folder(config, run_uri)
+    stages = build_stages(config)
     if not inline:
         start_ray(config, ray_address)
-    sources = scan_sources(config, run_uri, build_labeler(config, inline), on_scan, use_ray=not inline)
+        check_cluster_fits(config, stages)
+    # A resumed run reuses its scan: no labeler (and no GPU actor for it) is needed then.
+    scanned = uris.exists(uris.join(run_uri, mf.SOURCES_FILE))
+    labeler = None if scanned else build_labeler(config, inline)
+    sources = scan_sources(config, run_uri, labeler, on_scan, use_ray=not inline)
     planner = Planner(config, *split_pools(sources))
     if on_plan is not None:
         on_plan(planner.photo_count())
     done = finished_shards(run_uri)
     writer = ShardWriter(config, run_uri, {"config_hash": meta["config_hash"], "versions": meta["versions"]})
-    stages = build_stages(config)
     executor = (InlineExecutor if inline else RayExecutor)(config, stages, writer)
 
     outcome = RunOutcome(run_uri, shards=0, skipped_shards=len(done))

@@ -75,6 +75,9 @@ def decode_chunk(
         except ImageError as err:
             results.append(Decoded(error=str(err)))
             continue
+        except Exception as err:  # noqa: BLE001 - a storage or decoder fault of one file, never the scan's end
+            results.append(Decoded(error=f"{type(err).__name__}: {err}"))
+            continue
         h, w = image.array.shape[:2]
         view = _label_view(image.array) if entry.pool in classify_pools else None
         results.append(

@@ -177,17 +177,13 @@ class ScoreStage(Stage):
         image_table = {f"{w.group.group_id}/{slot}": arr for w in batch for slot, arr in w.images.items()}
         merged: list[dict[str, float]] = [{} for _ in keys]
         notes: list[dict[str, str]] = [{} for _ in keys]
-        failures: dict[str, str] = {}
+        failures: list[dict[str, str]] = [{} for _ in keys]  # per view: scorer name -> error
         for scorer in self.scorers:
-            try:
-                results = scorer.score_views([views[k] for k in keys], image_table, merged)
-            except Exception as err:  # noqa: BLE001 - the samples fail with the scorer named, never a guess
-                failures[scorer.name] = _error(err)
-                results = [ViewScores() for _ in keys]
+            results = self._score(scorer, [views[k] for k in keys], image_table, merged, failures)
             for n, result in enumerate(results):
                 merged[n].update({f"{scorer.name}.{k}": float(v) for k, v in result.scores.items()})
                 notes[n].update({f"{scorer.name}.{k}": v for k, v in result.notes.items()})
-        by_view = {k: (merged[n], notes[n]) for n, k in enumerate(keys)}
+        by_view = {k: (merged[n], notes[n], failures[n]) for n, k in enumerate(keys)}
         for work in batch:
             gid = work.group.group_id
             for gen in work.group.generations:
@@ -197,11 +193,29 @@ class ScoreStage(Stage):
             for triplet in work.group.triplets:
                 found = by_view.get((gid, triplet.content_ref, triplet.style_ref, triplet.target))
                 if found:
-                    work.triplet_scores[triplet.key] = found[0]
-                    work.annotations.setdefault(triplet.key, {})["notes"] = found[1]
-                if failures:
-                    work.annotations.setdefault(triplet.key, {})["scorer_errors"] = failures
+                    scores, view_notes, view_failures = found
+                    work.triplet_scores[triplet.key] = scores
+                    work.annotations.setdefault(triplet.key, {})["notes"] = view_notes
+                    if view_failures:
+                        work.annotations[triplet.key]["scorer_errors"] = view_failures
         return batch
+
+    @staticmethod
+    def _score(scorer, views, images, prior, failures) -> list[ViewScores]:
+        """The scorer on the whole batch; if that raises, view by view, so only the views it cannot score
+        fail (with the scorer named), never a guess and never the whole batch for one bad image."""
+        try:
+            return scorer.score_views(views, images, prior)
+        except Exception:  # noqa: BLE001
+            pass
+        results = []
+        for n, view in enumerate(views):
+            try:
+                results += scorer.score_views([view], images, [prior[n]])
+            except Exception as err:  # noqa: BLE001
+                failures[n][scorer.name] = _error(err)
+                results.append(ViewScores())
+        return results
 
 
 class EncodeStage(Stage):

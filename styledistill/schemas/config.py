@@ -187,7 +187,8 @@ class RunConfig(Strict):
 
     def content_hash(self) -> str:
         """Hash of everything that decides the dataset (not where it is written or how Ray is sized)."""
-        data = self.model_dump(mode="json", exclude={"output": {"uri"}, "ray": True, "stages": True})
+        data = self.model_dump(mode="json", exclude={"output": {"uri", "thumbnails_in_report"}, "ray": True,
+                                                      "stages": True})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

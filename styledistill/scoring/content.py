@@ -11,7 +11,7 @@ from skimage.transform import resize
 
 from styledistill.generation.base import BackendOptions
 from styledistill.scoring.base import EmbeddingScorer
-from styledistill.scoring.effnet import EfficientNetLite0
+from styledistill.scoring.effnet import shared_effnet
 
 
 class EffNetContentScorer(EmbeddingScorer):
@@ -27,7 +27,7 @@ class EffNetContentScorer(EmbeddingScorer):
         batch_size: int = Field(16, ge=1)
 
     def setup(self) -> None:
-        self.net = EfficientNetLite0(self.device, self.threads, self.options.batch_size)
+        self.net = shared_effnet(self.device, self.threads, self.options.batch_size)
 
     def embed(self, images: list[np.ndarray]) -> list[np.ndarray]:
         return list(self.net.pooled(images))

@@ -8,6 +8,7 @@ fails loudly instead of loading garbage.
 
 from __future__ import annotations
 
+import functools
 from importlib.metadata import version
 from pathlib import Path
 
@@ -160,3 +161,9 @@ class EfficientNetLite0:
                         for row, i in enumerate(chunk):
                             maps[i].append(x[row].cpu().numpy())
         return maps
+
+
+@functools.cache
+def shared_effnet(device: str, threads: int, batch_size: int) -> EfficientNetLite0:
+    """One network per process for every scorer that uses it (content and Gram share an actor)."""
+    return EfficientNetLite0(device, threads, batch_size)

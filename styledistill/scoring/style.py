@@ -10,7 +10,7 @@ from pydantic import Field
 from styledistill.generation.base import BackendOptions
 from styledistill.generation.magenta import STYLE_PREDICTOR_ONNX, build_engine, onnx_digests
 from styledistill.scoring.base import EmbeddingScorer
-from styledistill.scoring.effnet import EfficientNetLite0
+from styledistill.scoring.effnet import shared_effnet
 
 # timm stages 1 and 2 (strides 4 and 8; 24 and 40 channels): colour and texture, little object layout.
 GRAM_STAGES = (1, 2)
@@ -75,7 +75,7 @@ class GramStyleScorer(EmbeddingScorer):
         size: int = Field(256, ge=64)  # long side the images are resized to, aspect kept
 
     def setup(self) -> None:
-        self.net = EfficientNetLite0(self.device, self.threads, self.options.batch_size)
+        self.net = shared_effnet(self.device, self.threads, self.options.batch_size)
 
     def embed(self, images: list[np.ndarray]) -> list[list[np.ndarray]]:
         maps = self.net.feature_maps(images, GRAM_STAGES, self.options.size)
