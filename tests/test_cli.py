@@ -144,3 +144,13 @@ def test_report_regenerates_the_html(inline_run):
     assert html.read_text() == original  # the same run folder gives the same page
     assert summary.exists()
     assert "<html" in original.lower()
+
+
+def test_train_config_errors_are_one_line(tmp_path):
+    from importlib import resources
+
+    config = str(resources.files("styledistill") / "configs" / "train_sft.yaml")
+    result = runner.invoke(app, ["train", "sft", config, "--set", "max_steps=["])
+    assert result.exit_code == 2
+    assert result.output.startswith("error: override 'max_steps=[': the value is not valid YAML"), result.output
+    assert "Traceback" not in result.output

@@ -10,7 +10,7 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -21,6 +21,9 @@ V1_INSTRUCTION = (
 RECIPES = ("rns", "sns", "snr", "rnr")
 Recipe = Literal["rns", "sns", "snr", "rnr"]
 Label = Literal["realistic", "stylized"]
+
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class Strict(BaseModel):
@@ -211,7 +214,8 @@ def _set_path(data: dict, dotted: str, raw: str) -> None:
         node[keys[-1]] = value
 
 
-def parse_config(data: dict, overrides: list[str] | None = None) -> RunConfig:
+def parse_model(cls: type[M], data: dict, overrides: list[str] | None = None) -> M:
+    """Validate `data` (plus KEY=VALUE overrides) as `cls`; any problem is one ConfigError line naming it."""
     data = copy.deepcopy(data)
     for item in overrides or []:
         if "=" not in item:
@@ -224,12 +228,30 @@ def parse_config(data: dict, overrides: list[str] | None = None) -> RunConfig:
         except (KeyError, IndexError, ValueError, TypeError, AttributeError) as err:
             raise ConfigError(f"override {item!r}: no such field path ({type(err).__name__}: {err})") from None
     try:
-        return RunConfig.model_validate(data)
+        return cls.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "<root>"
         more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
         raise ConfigError(f"config field {where}: {first['msg']}{more}") from None
+
+
+def parse_config(data: dict, overrides: list[str] | None = None) -> RunConfig:
+    return parse_model(RunConfig, data, overrides)
+
+
+def read_yaml_mapping(path: str | Path) -> dict:
+    """A YAML file's top-level mapping, or a one-line ConfigError."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    return data
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:
@@ -240,16 +262,8 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: expected a mapping at the top level")
-    base = path.parent
+    data = read_yaml_mapping(path)
+    base = Path(path).parent
     for pool in data.get("sources", []) or []:
         # Relative source paths are relative to the config file, so a config can travel with its data.
         if isinstance(pool, dict) and "uri" in pool and "://" not in str(pool["uri"]):

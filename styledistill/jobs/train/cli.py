@@ -26,10 +26,19 @@ from pathlib import Path
 import typer
 
 from styledistill.jobs.train.config import DMDConfig, SFTConfig, load_train_config
+from styledistill.schemas.config import ConfigError
 
 train_app = typer.Typer(help="Train a style LoRA (SFT) or distil a few-step student (DMD) on a run's shards.")
 
 SetOption = typer.Option(None, "--set", help="Override a config field, e.g. --set max_steps=10 (repeatable).")
+
+
+def _load(config: Path, kind, overrides: list[str] | None):
+    try:
+        return load_train_config(config, kind, overrides)
+    except ConfigError as err:  # one line, no traceback, as for `styledistill run`
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
 
 
 def _setup_logging() -> None:
@@ -42,7 +51,7 @@ def sft(config: Path, overrides: list[str] = SetOption) -> None:
     from styledistill.jobs.train.sft import train_sft
 
     _setup_logging()
-    out = train_sft(load_train_config(config, SFTConfig, overrides))
+    out = train_sft(_load(config, SFTConfig, overrides))
     typer.echo(f"LoRA written to {out}")
 
 
@@ -52,7 +61,7 @@ def dmd(config: Path, overrides: list[str] = SetOption) -> None:
     from styledistill.jobs.train.dmd import train_dmd
 
     _setup_logging()
-    out = train_dmd(load_train_config(config, DMDConfig, overrides))
+    out = train_dmd(_load(config, DMDConfig, overrides))
     typer.echo(f"student LoRA written to {out}")
 
 

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from styledistill.schemas.config import ConfigError, _set_path
+from styledistill.schemas.config import Strict, parse_model, read_yaml_mapping
 
 # The LoRA targets of DiffSynth-Studio's Qwen-Image trainer (attention, MLP outputs, modulation).
 DEFAULT_LORA_TARGETS = [
     "to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out",
     "img_mlp.net.2", "img_mod.1", "txt_mlp.net.2", "txt_mod.1",
 ]  # fmt: skip
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class DataConfig(Strict):
@@ -124,22 +118,6 @@ class DMDConfig(TrainCommon):
         return self
 
 
-def load_train_config(path: str | Path, kind: type[Strict], overrides: list[str] | None = None):
+def load_train_config(path: str | Path, kind: type[TrainCommon], overrides: list[str] | None = None):
     """Read a YAML config of `kind` (SFTConfig / DMDConfig), applying KEY=VALUE overrides."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    data = json.loads(json.dumps(data or {}))
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. max_steps=10")
-        key, raw = item.split("=", 1)
-        _set_path(data, key.strip(), raw)
-    try:
-        return kind.model_validate(data)
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "<root>"
-        raise ConfigError(f"config field {where}: {first['msg']}") from None
+    return parse_model(kind, read_yaml_mapping(path), overrides)
