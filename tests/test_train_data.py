@@ -74,3 +74,20 @@ def test_wids_resume_is_exact(tmp_path):
     # Two ranks split each epoch's permutation.
     a, b = TripletLoader(cfg, rank=0, world=2), TripletLoader(cfg, rank=1, world=2)
     assert not {it["key"] for it in _take(a, 3)} & {it["key"] for it in _take(b, 3)}
+
+
+def test_reads_a_run_folder_in_an_object_store(tmp_path):
+    """Shards where the pipeline wrote them: fsspec URLs (memory:// stands in for s3://)."""
+    import fsspec
+
+    run = write_run(tmp_path / "run", shards=2, per_shard=3, rejected_every=3)
+    fs = fsspec.filesystem("memory")
+    for path in sorted(run.rglob("*")):
+        if path.is_file():
+            fs.pipe(f"/train-bucket/run/{path.relative_to(run)}", path.read_bytes())
+    try:
+        loader = TripletLoader(DataConfig(run="memory://train-bucket/run", area=32 * 32, shuffle_buffer=0,
+                                          num_workers=0))
+        assert {it["key"] for it in _take(loader, 4)} == {"s0k1", "s0k2", "s1k1", "s1k2"}
+    finally:
+        fs.rm("/train-bucket", recursive=True)

@@ -34,6 +34,7 @@ from PIL import Image
 
 from styledistill.generation.enhancer import enhanced_instruction
 from styledistill.jobs.train.config import DataConfig
+from styledistill.pipeline import uris
 from styledistill.schemas.manifest import (
     ACCEPTED,
     CONTENT_MEMBER,
@@ -127,11 +128,31 @@ def _worker_id() -> tuple[int, int]:
     return rank, worker
 
 
-def run_shards(run: str | Path) -> list[str]:
-    urls = sorted(str(p) for p in (Path(run) / SHARDS_DIR).glob("*.tar"))
+def run_shards(run: str) -> list[str]:
+    """The run's shard tars, local or in an object store (s3://, gs://, ...)."""
+    urls = uris.glob(uris.join(str(run), SHARDS_DIR, "*.tar"))
     if not urls:
-        raise FileNotFoundError(f"no shards under {Path(run) / SHARDS_DIR}")
+        raise FileNotFoundError(f"no shards under {uris.join(str(run), SHARDS_DIR)}")
     return urls
+
+
+def _opened_with_fsspec(sources: Iterator[dict], handler) -> Iterator[dict]:
+    """webdataset's url_opener, through fsspec, so shards can live wherever the pipeline wrote them."""
+    for source in sources:
+        try:
+            yield {**source, "stream": uris.open_for_read(source["url"])}
+        except Exception as exn:  # noqa: BLE001 - the handler decides: count and skip the shard, or raise
+            exn.args = exn.args + (source["url"],)
+            if not handler(exn):
+                break
+
+
+def _fsspec_tar_samples(sources: Iterator[dict], handler) -> Iterator[dict]:
+    files = wds.tariterators.tar_file_expander(_opened_with_fsspec(sources, handler), handler=handler)
+    return wds.tariterators.group_by_keys(files, handler=handler)
+
+
+fsspec_tarfile_to_samples = wds.filters.pipelinefilter(_fsspec_tar_samples)
 
 
 class StreamingTriplets(torch.utils.data.IterableDataset):
@@ -164,7 +185,7 @@ class StreamingTriplets(torch.utils.data.IterableDataset):
                 wds.SimpleShardList(urls),
                 wds.split_by_node,
                 wds.split_by_worker,
-                wds.tarfile_to_samples(handler=self.skips.handler),
+                fsspec_tarfile_to_samples(handler=self.skips.handler),
                 wds.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer, rng=rng)
                 if self.cfg.shuffle_buffer
                 else wds.filters.identity,
