@@ -90,18 +90,29 @@ class PromptEnhancer:
         """Per (content, style) pair: {"content_prompt", "style_prompt", "error"}; never raises per pair."""
         if len(content_images) != len(style_images):
             raise ValueError(f"{len(content_images)} content images but {len(style_images)} style images")
-        requests = []
+        # Triplets of a group share references (c is the content of every RnS and RnR triplet, s_i the
+        # style of RnS_i and SnS_i): each distinct (question, image) is asked once.
+        instructions = {"content": CONTENT_INSTRUCTION, "style": STYLE_INSTRUCTION}
+        request_of: dict[tuple, int] = {}
+        requests: list[ChatRequest] = []
+        asked: list[dict[str, int]] = []
         for content, style in zip(content_images, style_images):
-            requests.append(ChatRequest([content], CONTENT_INSTRUCTION, self.options.max_new_tokens))
-            requests.append(ChatRequest([style], STYLE_INSTRUCTION, self.options.max_new_tokens))
+            slots = {}
+            for kind, image in (("content", content), ("style", style)):
+                key = (kind, image.shape, hashlib.sha1(image.tobytes()).digest())
+                if key not in request_of:
+                    request_of[key] = len(requests)
+                    requests.append(ChatRequest([image], instructions[kind], self.options.max_new_tokens))
+                slots[kind] = request_of[key]
+            asked.append(slots)
         answers = self.client.chat(requests)
         limits = {"content": self.options.content_max_words, "style": self.options.style_max_words}
         out = []
-        for pair in range(len(content_images)):
+        for slots in asked:
             entry: dict[str, str | None] = {"content_prompt": None, "style_prompt": None, "error": None}
             errors = []
-            for offset, kind in enumerate(("content", "style")):
-                answer = answers[2 * pair + offset]
+            for kind in ("content", "style"):
+                answer = answers[slots[kind]]
                 if answer.error:
                     prompt, why = None, answer.error
                 else:
