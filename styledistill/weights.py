@@ -58,19 +58,26 @@ def weights_file(name: str, default_filename: str, what: str) -> Path:
 def model_dir(name: str, what: str) -> Path:
     """`name` is a local model directory (save_pretrained layout), a remote URL of one (copied to the node's
     cache), or a repo id in the local HF cache."""
+    return model_dir_revision(name, what)[0]
+
+
+def model_dir_revision(name: str, what: str) -> tuple[Path, str | None]:
+    """`model_dir`, with the cache revision that answered: the snapshot commit for a cached repo id, None for a
+    local directory or a remote URL."""
     name = staged(name, what)
     resolved = Path(name).expanduser()
     if resolved.is_dir():
-        return resolved
+        return resolved, None
     if looks_like_path(name):
         raise FileNotFoundError(f"{what}: model directory not found: {resolved}")
     try:
-        return Path(snapshot_download(name, local_files_only=True))
+        snapshot = Path(snapshot_download(name, local_files_only=True))
     except LocalEntryNotFoundError:
         raise FileNotFoundError(
             f"{what}: model {name!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}); "
-            "downloads are disabled: fetch it beforehand or give a local directory"
+            f"downloads are disabled: fetch it beforehand (`hf download {name}`) or give a local directory"
         ) from None
+    return snapshot, snapshot.name  # snapshots/<commit>
 
 
 def sha256_files(paths: Sequence[Path]) -> str:

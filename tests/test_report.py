@@ -21,37 +21,36 @@ from styledistill.schemas.manifest import MANIFEST_COLUMNS, shard_name, stats_na
 PREFIX = "sd"
 EFFNET = "score.content.effnet_cos"
 PIXEL = "score.noop.pixel_diff"
-GEN_PIXEL = "score.gen.noop.pixel_diff"
-SCORES = (EFFNET, PIXEL, GEN_PIXEL)
+SCORES = (EFFNET, PIXEL)
 
 
 def _row(key, recipe, status, reasons=(), error=None, **scores):
-    by_column = {EFFNET: scores.get("effnet"), PIXEL: scores.get("pixel"), GEN_PIXEL: scores.get("gen_pixel")}
+    by_column = {EFFNET: scores.get("effnet"), PIXEL: scores.get("pixel")}
     return {"key": key, "recipe": recipe, "status": status, "reasons": list(reasons), "error": error, **by_column}
 
 
 SHARD_ROWS = [
     [
-        _row("k0", "rns", "accepted", effnet=0.8, pixel=0.10, gen_pixel=0.10),
-        _row("k1", "rns", "rejected", ["content.effnet_cos < 0.5"], effnet=0.4, pixel=0.10, gen_pixel=0.10),
+        _row("k0", "rns", "accepted", effnet=0.8, pixel=0.10),
+        _row("k1", "rns", "rejected", ["content.effnet_cos < 0.5"], effnet=0.4, pixel=0.10),
         _row("k2", "sns", "rejected", ["content.effnet_cos < 0.3", "noop.pixel_diff < 0.04"],
-             effnet=0.2, pixel=0.01, gen_pixel=0.2),
-        _row("k3", "sns", "rejected", ["parent r0: noop.pixel_diff < 0.04"], effnet=0.6, pixel=0.2, gen_pixel=0.02),
+             effnet=0.2, pixel=0.01),
+        _row("k3", "sns", "rejected", ["parent r0: noop.pixel_diff < 0.04"], effnet=0.6, pixel=0.2),
         _row("k4", "snr", "failed", ["generate r1: CUDA out of memory at /tmp/x/gen.py:12"],
              error="generate r1: CUDA out of memory at /tmp/x/gen.py:12"),
-        _row("k5", "rnr", "accepted", effnet=0.9, pixel=0.3, gen_pixel=0.3),
+        _row("k5", "rnr", "accepted", effnet=0.9, pixel=0.3),
     ],
     [
         _row("k6", "rns", "rejected", ["parent r1: noop.pixel_diff < 0.04", "content.effnet_cos < 0.5"],
-             effnet=0.45, pixel=0.05, gen_pixel=0.01),
-        _row("k7", "rnr", "rejected", ["duplicate of sd-000000-k5"], effnet=0.7, pixel=0.3, gen_pixel=0.3),
+             effnet=0.45, pixel=0.05),
+        _row("k7", "rnr", "rejected", ["duplicate of sd-000000-k5"], effnet=0.7, pixel=0.3),
         _row("k8", "snr", "failed", ["generate r0: CUDA out of memory at /tmp/a/gen.py:99"],
              error="generate r0: CUDA out of memory at /tmp/a/gen.py:99"),
-        _row("k9", "rns", "accepted", effnet=None, pixel=0.2, gen_pixel=0.2),  # scorer skipped: missing
+        _row("k9", "rns", "accepted", effnet=None, pixel=0.2),  # scorer skipped: missing
     ],
 ]
 # A shard still being written: manifest, no stats. None of it may be counted.
-INCOMPLETE_ROWS = [_row(f"x{i}", "rns", "accepted", effnet=0.99, pixel=0.9, gen_pixel=0.9) for i in range(5)]
+INCOMPLETE_ROWS = [_row(f"x{i}", "rns", "accepted", effnet=0.99, pixel=0.9) for i in range(5)]
 
 
 def _jpeg_b64(colour) -> str:
@@ -205,8 +204,9 @@ def test_score_stats_and_histograms(run_dir):
     assert sum(scores[EFFNET]["histogram"]["counts"]["rejected"]) == 5
     lines = {(t["value"], tuple(t["recipes"] or ())) for t in effnet["thresholds"]}
     assert lines == {(0.3, ("sns",)), (0.5, ("rns", "snr", "rnr"))}
-    [gen_line] = scores[GEN_PIXEL]["thresholds"]
-    assert (gen_line["level"], gen_line["value"], gen_line["recipes"]) == ("generation", 0.04, None)
+    # The generation rule is drawn on the triplet column, beside the triplet rule on the same score.
+    pixel_lines = [(t["level"], t["value"], t["recipes"]) for t in scores[PIXEL]["thresholds"]]
+    assert pixel_lines == [("generation", 0.04, None), ("triplet", 0.04, None)]
     # A threshold outside the data still lands inside the chart.
     assert scores[PIXEL]["histogram"]["edges"][0] <= 0.01
 
@@ -230,7 +230,7 @@ def test_html_is_self_contained_with_thresholds_and_thumbnails(run_dir):
     assert ">k0<" in html and ">k1<" in html and ">x0<" not in html
     assert 'class="threshold" data-value="0.5"' in html and 'class="threshold" data-value="0.3"' in html
     assert "sns min 0.3" in html and "rns/snr/rnr min 0.5" in html and "gen min 0.04" in html
-    assert html.count('<svg class="hist"') == 3 and '<svg class="reasons"' in html
+    assert html.count('<svg class="hist"') == 2 and '<svg class="reasons"' in html
     assert "parent: noop.pixel_diff &lt; 0.04" in html
     assert "cannot identify image file" in html and "unit-run" in html
 
@@ -260,11 +260,11 @@ def test_thresholds_follow_the_filter_bands():
         generation_rules=[Rule(score="noop.pixel_diff", min=0.04, per_recipe={"sns": {"min": 0.5}})],
         rules=[Rule(score="clip.score", min=0.2, max=0.9, recipes=["rns", "sns"], per_recipe={"sns": {"min": 0.1}})],
     ).model_dump(mode="json")
-    lines = rule_thresholds(filters, {"score.clip.score", "score.noop.pixel_diff"})
+    lines = rule_thresholds(filters)
     # A per-recipe override replaces only the bound it names; `recipes` limits where the rule applies.
     assert [(t["bound"], t["value"], t["recipes"]) for t in lines["score.clip.score"]] == [
         ("max", 0.9, ["rns", "sns"]), ("min", 0.1, ["sns"]), ("min", 0.2, ["rns"])]
-    # Without a "score.gen.*" column, a generation rule is drawn on the triplet column, with its rns band.
+    # A generation rule is drawn on the triplet column, with its rns band.
     assert lines["score.noop.pixel_diff"] == [
         {"bound": "min", "value": 0.04, "level": "generation", "recipes": None}]
 

@@ -212,7 +212,7 @@ def test_hub_ids_resolve_only_from_the_local_cache(model_dir, tmp_path, monkeypa
     generator = make_generator("org/tiny-edit")
     assert generator.model_info()["model_revision"] == revision
     assert generator.generate([request()])[0].shape == (48, 64, 3)
-    with pytest.raises(FileNotFoundError, match=r"'org/absent' is neither a local folder nor in the local"):
+    with pytest.raises(FileNotFoundError, match=r"'org/absent' is not in the local Hugging Face cache"):
         make_generator("org/absent")
 
 

@@ -11,12 +11,10 @@ Qwen2.5-VL M-RoPE); `model_info` records the versions with every sample.
 
 from __future__ import annotations
 
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import PIL.Image
@@ -29,17 +27,12 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
     calculate_shift,
     retrieve_timesteps,
 )
-from huggingface_hub import constants as hf_constants
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import LocalEntryNotFoundError
 from pydantic import BaseModel, ConfigDict, Field
 
 from styledistill.generation.base import BackendOptions, GenerationRequest, Generator
 from styledistill.generation.lora import LoadedLora, LoraSpec, load_loras
 from styledistill.pipeline.staging import staged
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+from styledistill.weights import TORCH_DTYPES, DType, model_dir_revision
 
 
 @dataclass
@@ -179,24 +172,12 @@ class TeleStyleEditPipeline(QwenImageEditPlusPipeline):
 
 
 def resolve_model(model: str) -> tuple[Path, str | None]:
-    """A local pipeline folder, a remote URL of one (copied to the node's cache), or a hub id looked up only
-    in the local cache: (folder, cache revision)."""
-    path = Path(staged(model, "TeleStyle model")).expanduser()
-    if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
-        return path, None
-    if not _HUB_ID.match(model):
-        raise FileNotFoundError(f"model folder not found: {path}")
-    try:
-        snapshot = Path(snapshot_download(model, local_files_only=True))
-    except LocalEntryNotFoundError:
-        raise FileNotFoundError(
-            f"model {model!r} is neither a local folder nor in the local Hugging Face cache "
-            f"({hf_constants.HF_HUB_CACHE}); weights are never downloaded by a run: fetch them beforehand "
-            f"(`hf download {model}`) or pass the folder"
-        ) from None
-    return snapshot, snapshot.name
+    """`weights.model_dir_revision` (a local folder, a remote URL of one, or a hub id in the local cache),
+    checked to be a diffusers pipeline folder: (folder, cache revision)."""
+    path, revision = model_dir_revision(model, "TeleStyle model")
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+    return path, revision
 
 
 class LoraOption(BaseModel):
@@ -216,7 +197,7 @@ class TeleStyleGenerator(Generator):
         steps: int = Field(4, ge=1)
         true_cfg_scale: float = Field(1.0, ge=1.0)
         negative_prompt: str = " "
-        dtype: Literal["bfloat16", "float16", "float32"] | None = None  # None: bfloat16 on GPU, float32 on CPU
+        dtype: DType | None = None  # None: bfloat16 on GPU, float32 on CPU
         cpu_offload: bool = False  # for 24-48 GB GPUs: one component on the GPU at a time
         # True: references VAE-encoded at their given size (TeleStyle V1 and V2); False: diffusers' ~1 MP.
         reference_vae_at_input_size: bool = True
@@ -228,7 +209,7 @@ class TeleStyleGenerator(Generator):
         if self.device == "cpu":
             torch.set_num_threads(self.threads)
         if options.dtype is not None:
-            self.dtype = DTYPES[options.dtype]
+            self.dtype = TORCH_DTYPES[options.dtype]
         else:
             self.dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         self.model_path, self.model_revision = resolve_model(options.model)

@@ -35,7 +35,6 @@ STATUSES = (ACCEPTED, REJECTED, FAILED)
 STAGE_ORDER = ("load", "generate", "score", "write")
 HISTOGRAM_BINS = 30
 PERCENTILES = (5, 25, 50, 75, 95)
-GENERATION_PREFIX = SCORE_PREFIX + "gen."  # generation-level scores: "score.gen.<scorer>.<name>"
 STATS_SUFFIX = "_stats.json"
 MANIFEST_READ_COLUMNS = ("recipe", "status", "reasons", "error")
 EXAMPLES_PER_GROUP = 3
@@ -90,22 +89,19 @@ def error_kind(text: str) -> str:
 # Filter thresholds from the config, for the histograms
 
 
-def score_column(score: str, generation: bool, columns: set[str]) -> str:
+def score_column(score: str) -> str:
     """The manifest column a rule's `score` is drawn on. A generation rule judges each V1 output's
-    (c, s_i, r_i) view: its own "score.gen.*" column when the manifests carry one, else the triplet column
-    (an RnS triplet is exactly that view)."""
-    column = score if score.startswith(SCORE_PREFIX) else SCORE_PREFIX + score
-    generation_column = GENERATION_PREFIX + column[len(SCORE_PREFIX) :]
-    return generation_column if generation and generation_column in columns else column
+    (c, s_i, r_i) view, which the manifests record only as an RnS triplet: it is drawn on the triplet column."""
+    return score if score.startswith(SCORE_PREFIX) else SCORE_PREFIX + score
 
 
-def rule_thresholds(filters: dict[str, Any], columns: set[str]) -> dict[str, list[dict[str, Any]]]:
+def rule_thresholds(filters: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     """Column -> threshold lines {bound, value, recipes (None = every recipe), level}, merged by value."""
     lines: dict[tuple, set[str]] = defaultdict(set)
     for level, key in (("generation", "generation_rules"), ("triplet", "rules")):
         for raw in filters.get(key) or []:
             rule = Rule.model_validate(raw)
-            column = score_column(rule.score, level == "generation", columns)
+            column = score_column(rule.score)
             # Generations are judged as RnS views whatever triplets they feed: their band is the rns one.
             for recipe in RECIPES:
                 limits = band(rule, "rns" if level == "generation" else recipe)
@@ -251,7 +247,7 @@ def build_summary(run_uri: str) -> dict[str, Any]:
     for (_, status), n in decisions.items():
         rows_by_status[status] += n
     metrics = _read_metrics(run_uri)
-    thresholds = rule_thresholds(config.get("filters") or {}, set(scores))
+    thresholds = rule_thresholds(config.get("filters") or {})
     total = sum(decisions.values())
     return {
         "run": {

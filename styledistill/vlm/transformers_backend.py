@@ -1,12 +1,10 @@
 """In-process Qwen2.5-VL: weights loaded once from a local folder, one greedy generation per request.
 
 The weights are a local folder or a hub id already in the local Hugging Face cache (resolved by
-`model_dir`, which never touches the network); a run never downloads, with or without HF_HUB_OFFLINE.
+`model_dir_revision`, which never touches the network); a run never downloads, with or without HF_HUB_OFFLINE.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,8 +12,7 @@ import transformers
 from PIL import Image
 from transformers import AutoProcessor, BatchFeature, Qwen2_5_VLForConditionalGeneration
 
-from styledistill.pipeline.staging import is_remote
-from styledistill.weights import TORCH_DTYPES, model_dir
+from styledistill.weights import TORCH_DTYPES, model_dir_revision
 from styledistill.vlm.base import ChatRequest, ChatResult, TransformersVLMOptions, VLMClient
 
 
@@ -29,10 +26,8 @@ class TransformersVLM(VLMClient):
         self.revision: str | None = None
 
     def setup(self) -> None:
-        name = self.options.model_path
-        folder = model_dir(name, "VLM")
         # A cached hub id resolves to snapshots/<commit>: record which one answered.
-        self.revision = None if is_remote(name) or Path(name).expanduser().is_dir() else folder.name
+        folder, self.revision = model_dir_revision(self.options.model_path, "VLM")
         if self.device == "cpu":
             torch.set_num_threads(self.threads)
         default = torch.bfloat16 if self.device.startswith("cuda") else torch.float32

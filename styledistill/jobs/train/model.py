@@ -22,13 +22,12 @@ from PIL import Image
 
 from styledistill.jobs.train import flow
 from styledistill.jobs.train.config import LoraConfig, ModelConfig
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from styledistill.weights import TORCH_DTYPES
 
 
 def load_pipeline(cfg: ModelConfig, device: torch.device) -> QwenImageEditPlusPipeline:
     """Load the pipeline with everything frozen; only LoRA weights added later train."""
-    pipe = QwenImageEditPlusPipeline.from_pretrained(cfg.path, dtype=DTYPES[cfg.dtype], local_files_only=True)
+    pipe = QwenImageEditPlusPipeline.from_pretrained(cfg.path, dtype=TORCH_DTYPES[cfg.dtype], local_files_only=True)
     pipe.to(device)
     for module in (pipe.transformer, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
