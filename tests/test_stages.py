@@ -111,3 +111,28 @@ def test_inline_batch_crash_becomes_failed_rows(tmp_path, sample_data):
     rows = pd.read_parquet(tmp_path / "run" / mf.SHARDS_DIR / "styledistill-000000.parquet")
     assert len(rows) == 4 and (rows.status == mf.FAILED).all()
     assert (rows.error == "batch failed in stage score: MemoryError: out of memory").all()
+
+
+class PerRequestGenerator:
+    """Reports a bad request in its result list, as the real backends do, instead of raising."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def generate(self, requests):
+        self.calls += 1
+        return [ValueError("blank content") if (r.content == POISON).all() else np.full_like(r.content, 7)
+                for r in requests]
+
+
+def test_a_per_request_failure_keeps_the_rest_of_the_batch_without_regenerating_it(tmp_path):
+    works = planned_batch(tmp_path)
+    stage = GenerateStage(demo_config(tmp_path, tmp_path / "run", "stages.generate.batch_size=8"))
+    stage.generator = PerRequestGenerator()
+    bad, good = works
+    bad.images["c"] = np.full((32, 32, 3), POISON, np.uint8)
+    stage.process(works)
+    assert stage.generator.calls == 1  # the good requests of the batch were not generated again
+    assert all(gen.slot in good.images for gen in good.group.generations)
+    assert all(bad.errors[g.slot] == f"{g.slot}: generation failed: ValueError: blank content"
+               for g in bad.group.generations)

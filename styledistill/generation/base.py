@@ -50,8 +50,10 @@ class Generator(ABC):
         """Load weights. Raise a clear error naming the missing path or model id."""
 
     @abstractmethod
-    def generate(self, requests: list[GenerationRequest]) -> list[np.ndarray]:
-        """One HxWx3 uint8 image per request, the size of its content image. Raise on failure."""
+    def generate(self, requests: list[GenerationRequest]) -> list[np.ndarray | Exception]:
+        """Per request, an HxWx3 uint8 image the size of its content image, or the exception that request
+        raised (it fails alone; the others are kept). Raising fails the whole call: the stage then retries
+        the requests one at a time."""
 
     @abstractmethod
     def model_info(self) -> dict[str, str]:

@@ -53,19 +53,25 @@ class MagentaGenerator(Generator):
         self.digests = onnx_digests()
         self.engine = build_engine(self.device, self.threads)
 
-    def generate(self, requests: list[GenerationRequest]) -> list[np.ndarray]:
-        outputs = []
+    def generate(self, requests: list[GenerationRequest]) -> list[np.ndarray | Exception]:
+        outputs: list[np.ndarray | Exception] = []
         for request in requests:
-            h, w = request.content.shape[:2]
-            # max_size = the content's own long side: the engine must not downscale what the dataset stores.
-            result = self.engine.stylize_with(
-                request.content, request.style, strength=self.options.strength, max_size=max(h, w)
-            )
-            image = np.asarray(result, dtype=np.uint8)
-            if image.shape != (h, w, 3):
-                raise RuntimeError(f"Magenta returned {image.shape} for a {h}x{w} content image")
-            outputs.append(image)
+            try:
+                outputs.append(self._stylize(request))
+            except Exception as err:  # noqa: BLE001 - one bad request fails alone, the others are kept
+                outputs.append(err)
         return outputs
+
+    def _stylize(self, request: GenerationRequest) -> np.ndarray:
+        h, w = request.content.shape[:2]
+        # max_size = the content's own long side: the engine must not downscale what the dataset stores.
+        result = self.engine.stylize_with(
+            request.content, request.style, strength=self.options.strength, max_size=max(h, w)
+        )
+        image = np.asarray(result, dtype=np.uint8)
+        if image.shape != (h, w, 3):
+            raise RuntimeError(f"Magenta returned {image.shape} for a {h}x{w} content image")
+        return image
 
     def model_info(self) -> dict[str, str]:
         info = {

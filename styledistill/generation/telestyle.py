@@ -230,17 +230,22 @@ class TeleStyleGenerator(Generator):
         side = options.condition_image_size
         self.condition_area = side * side if side is not None else CONDITION_IMAGE_SIZE
 
-    def generate(self, requests: list[GenerationRequest]) -> list[np.ndarray]:
+    def generate(self, requests: list[GenerationRequest]) -> list[np.ndarray | Exception]:
         # The pipeline takes one image per call. A worker thread prepares the next request's references
         # (PIL conversion and resizing) while the current one runs on the device.
-        outputs = []
+        outputs: list[np.ndarray | Exception] = []
         with ThreadPoolExecutor(max_workers=1) as pool:
             upcoming = pool.submit(self._references, requests[0]) if requests else None
             for i, request in enumerate(requests):
-                references = upcoming.result()
+                current = upcoming
                 if i + 1 < len(requests):
                     upcoming = pool.submit(self._references, requests[i + 1])
-                outputs.append(self._generate_one(request, references))
+                try:
+                    outputs.append(self._generate_one(request, current.result()))
+                except torch.cuda.OutOfMemoryError:
+                    raise  # the device is in trouble, not this request: let the stage see it
+                except Exception as err:  # noqa: BLE001 - one bad request fails alone, the others are kept
+                    outputs.append(err)
         return outputs
 
     def _references(self, request: GenerationRequest) -> EditReferences:

@@ -8,6 +8,7 @@ on, so every planned sample ends accepted, rejected or failed with a reason.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from abc import ABC, abstractmethod
 
@@ -20,6 +21,8 @@ from styledistill.schemas.config import ModelSpec, RunConfig, StageResources
 from styledistill.schemas.records import CONTENT_SLOT, GroupWork
 from styledistill.scoring.base import ViewScores
 
+logger = logging.getLogger(__name__)
+
 
 def _device(resources: StageResources) -> str:
     if resources.num_gpus > 0:
@@ -27,6 +30,9 @@ def _device(resources: StageResources) -> str:
 
         if torch.cuda.is_available():
             return "cuda"
+        # Ray gave this actor a GPU but torch sees none (a CPU-only torch on a GPU node, or Ray's logical
+        # GPUs in a test cluster): say so loudly, the run goes on at CPU speed and samples record "cpu".
+        logger.warning("stage given %s GPU but torch sees no CUDA device: running on the CPU", resources.num_gpus)
     return "cpu"
 
 
@@ -117,6 +123,8 @@ class GenerateStage(Stage):
         for n, (work, gen) in enumerate(chunk):
             try:
                 out = outputs[n] if outputs is not None else self.generator.generate([requests[n]])[0]
+                if isinstance(out, Exception):
+                    raise out
                 expected = requests[n].content.shape
                 if out.shape != expected or out.dtype != np.uint8:
                     raise ValueError(f"generator returned {out.shape} {out.dtype}, expected {expected} uint8")
