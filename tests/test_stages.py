@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from conftest import demo_config
 from styledistill.pipeline.executor import InlineExecutor
@@ -48,13 +49,6 @@ class PoisonSensitiveScorer(EmbeddingScorer):
         return {"mean_gap": abs(features["content"] - features["target"])}
 
 
-class PoisonSensitiveGenerator:
-    def generate(self, requests):
-        if any((r.content == POISON).all() for r in requests):
-            raise ValueError("blank content")
-        return [np.full_like(r.content, 7) for r in requests]
-
-
 def test_a_scorer_failing_on_one_image_fails_only_the_views_that_use_it(tmp_path):
     works = planned_batch(tmp_path)
     stage = ScoreStage(demo_config(tmp_path, tmp_path / "run"))
@@ -80,19 +74,6 @@ def test_a_scorer_failing_on_one_image_fails_only_the_views_that_use_it(tmp_path
             assert "fragile.mean_gap" in bad.triplet_scores[triplet.key]
 
 
-def test_a_generation_failing_alone_fails_only_its_output(tmp_path):
-    works = planned_batch(tmp_path)
-    stage = GenerateStage(demo_config(tmp_path, tmp_path / "run", "stages.generate.batch_size=8"))
-    stage.generator = PoisonSensitiveGenerator()
-    bad, good = works
-    bad.images["c"] = np.full((32, 32, 3), POISON, np.uint8)
-    stage.process(works)
-    assert all(gen.slot in good.images for gen in good.group.generations)
-    for gen in bad.group.generations:
-        assert gen.slot not in bad.images
-        assert bad.errors[gen.slot] == f"{gen.slot}: generation failed: ValueError: blank content"
-
-
 class CrashingStage(Stage):
     name = "score"
 
@@ -113,26 +94,34 @@ def test_inline_batch_crash_becomes_failed_rows(tmp_path, sample_data):
     assert (rows.error == "batch failed in stage score: MemoryError: out of memory").all()
 
 
-class PerRequestGenerator:
-    """Reports a bad request in its result list, as the real backends do, instead of raising."""
 
-    def __init__(self):
-        self.calls = 0
+class PoisonSensitiveGenerator:
+    """With `raises`, a bad request fails the whole call (the stage must then retry one by one); without,
+    it is reported in the results, as the real backends do."""
+
+    def __init__(self, raises: bool):
+        self.raises, self.calls = raises, 0
 
     def generate(self, requests):
         self.calls += 1
-        return [ValueError("blank content") if (r.content == POISON).all() else np.full_like(r.content, 7)
-                for r in requests]
+        bad = [(r.content == POISON).all() for r in requests]
+        if self.raises and any(bad):
+            raise ValueError("blank content")
+        return [ValueError("blank content") if b else np.full_like(r.content, 7) for r, b in zip(requests, bad)]
 
 
-def test_a_per_request_failure_keeps_the_rest_of_the_batch_without_regenerating_it(tmp_path):
+@pytest.mark.parametrize("raises", [True, False])
+def test_a_failing_generation_fails_only_its_output(tmp_path, raises):
     works = planned_batch(tmp_path)
     stage = GenerateStage(demo_config(tmp_path, tmp_path / "run", "stages.generate.batch_size=8"))
-    stage.generator = PerRequestGenerator()
+    stage.generator = PoisonSensitiveGenerator(raises)
     bad, good = works
     bad.images["c"] = np.full((32, 32, 3), POISON, np.uint8)
     stage.process(works)
-    assert stage.generator.calls == 1  # the good requests of the batch were not generated again
+    requests = sum(len(w.group.generations) for w in works)
+    # Reported per request: one call, the good requests are not generated again.
+    assert stage.generator.calls == (1 + requests if raises else 1)
     assert all(gen.slot in good.images for gen in good.group.generations)
-    assert all(bad.errors[g.slot] == f"{g.slot}: generation failed: ValueError: blank content"
-               for g in bad.group.generations)
+    for gen in bad.group.generations:
+        assert gen.slot not in bad.images
+        assert bad.errors[gen.slot] == f"{gen.slot}: generation failed: ValueError: blank content"
