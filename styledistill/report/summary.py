@@ -32,7 +32,7 @@ from styledistill.schemas.manifest import (
 )
 
 STATUSES = (ACCEPTED, REJECTED, FAILED)
-STAGE_ORDER = ("load", "generate", "score", "write")
+STAGE_ORDER = ("load", "generate", "enhance", "score", "encode")  # the pipeline order, for the table
 HISTOGRAM_BINS = 30
 PERCENTILES = (5, 25, 50, 75, 95)
 STATS_SUFFIX = "_stats.json"
