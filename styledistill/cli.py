@@ -56,10 +56,10 @@ def _run(config: RunConfig, ray_address: Optional[str], inline: bool) -> None:
         task = progress.add_task("photos", total=None, counts="", start=False)
         seen: Counter = Counter()
 
-        def on_plan(photos: int) -> None:
+        def on_plan(photos: int, already_done: int) -> None:
             progress.update(scan, total=progress.tasks[scan].completed)  # the scan is over
             progress.start_task(task)
-            progress.update(task, total=photos)
+            progress.update(task, total=photos, completed=already_done)
 
         def on_shard(result):
             seen.update(accepted=result.accepted, rejected=result.rejected, failed=result.failed)

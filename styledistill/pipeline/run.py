@@ -139,7 +139,8 @@ def split_pools(sources) -> tuple[list, list]:
 
 def run_pipeline(config: RunConfig, *, ray_address: str | None = None, inline: bool = False,
                  on_shard: Callable[[ShardResult], None] | None = None,
-                 on_plan: Callable[[int], None] | None = None, on_scan: Callable[[int], None] | None = None,
+                 on_plan: Callable[[int, int], None] | None = None,
+                 on_scan: Callable[[int], None] | None = None,
                  report: bool = True) -> RunOutcome:
     """Run (or resume) the job described by `config`. `inline` runs without Ray, in this process."""
     check_backends(config)
@@ -154,9 +155,9 @@ def run_pipeline(config: RunConfig, *, ray_address: str | None = None, inline: b
     labeler = None if scanned else build_labeler(config, inline)
     sources = scan_sources(config, run_uri, labeler, on_scan, use_ray=not inline)
     planner = Planner(config, *split_pools(sources))
-    if on_plan is not None:
-        on_plan(planner.photo_count())
     done = finished_shards(run_uri)
+    if on_plan is not None:  # (photos planned, photos already in finished shards)
+        on_plan(planner.photo_count(), sum(stats["groups"] for stats in done.values()))
     writer = ShardWriter(config, run_uri, {"config_hash": meta["config_hash"], "versions": meta["versions"]})
     executor = (InlineExecutor if inline else RayExecutor)(config, stages, writer)
 
