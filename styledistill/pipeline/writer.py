@@ -30,10 +30,6 @@ THUMB_HEIGHT = 96
 THUMBS_PER_STATUS = 3  # per shard: enough for the report's grids, small enough to never matter
 
 
-def image_ext(config: RunConfig) -> str:
-    return config.output.image_format
-
-
 def _lineage(work: GroupWork, slot: str) -> dict:
     group = work.group
     if slot in group.sources:
@@ -150,7 +146,7 @@ class ShardWriter:
             "generation_scores": {s: work.generation_scores.get(s, {}) for s in slots if s.startswith("r")},
             "lineage": lineage, "group_id": work.group.group_id, "seed": work.group.seed, **self.run_meta,
         }
-        ext = image_ext(self.config)
+        ext = self.config.output.image_format
         sample = {
             "__key__": triplet.key,
             f"{mf.CONTENT_MEMBER}.{ext}": work.encoded[slots[0]],

@@ -24,6 +24,13 @@ class ViewScores:
     notes: dict[str, str] = field(default_factory=dict)  # e.g. a judge's raw text when unparseable
 
 
+def reference_cosines(features: dict[str, np.ndarray]) -> tuple[float, float]:
+    """(content ref · target, style ref · target) for unit-norm embeddings: the content score, and with it
+    the leakage/gain signal (a target closer to the style reference than to the content reference)."""
+    target = features["target"]
+    return float(features["content"] @ target), float(features["style"] @ target)
+
+
 class Scorer(ABC):
     """Subclasses set `name` (the score prefix), `Options`, and implement `setup`, `score_views`."""
 

@@ -32,7 +32,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from styledistill.generation.base import BackendOptions, parse_options
-from styledistill.scoring.base import EmbeddingScorer
+from styledistill.scoring.base import EmbeddingScorer, reference_cosines
 from styledistill.weights import (
     TORCH_DTYPES,
     DType,
@@ -285,9 +285,7 @@ class ClipScorer(EmbeddingScorer):
         ]
 
     def compare(self, features: dict[str, ClipImageFeatures]) -> dict[str, float]:
-        target = features["target"].embedding
-        content_cos = float(features["content"].embedding @ target)
-        style_cos = float(features["style"].embedding @ target)
+        content_cos, style_cos = reference_cosines({role: f.embedding for role, f in features.items()})
         scores = {
             "content_cos": content_cos,
             "style_leak": style_cos - content_cos,

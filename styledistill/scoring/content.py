@@ -10,7 +10,7 @@ from skimage.metrics import structural_similarity
 from skimage.transform import resize
 
 from styledistill.generation.base import BackendOptions
-from styledistill.scoring.base import EmbeddingScorer
+from styledistill.scoring.base import EmbeddingScorer, reference_cosines
 from styledistill.scoring.effnet import shared_effnet
 
 
@@ -33,9 +33,7 @@ class EffNetContentScorer(EmbeddingScorer):
         return list(self.net.pooled(images))
 
     def compare(self, features: dict[str, np.ndarray]) -> dict[str, float]:
-        # Features are L2-normalised, so the dot product is the cosine.
-        content_cos = float(features["content"] @ features["target"])
-        style_cos = float(features["style"] @ features["target"])
+        content_cos, style_cos = reference_cosines(features)  # features are L2-normalised
         return {"effnet_cos": content_cos, "leakage_margin": style_cos - content_cos}
 
     def model_info(self) -> dict[str, str]:

@@ -33,7 +33,7 @@ from pydantic import Field
 from torch import nn
 
 from styledistill.generation.base import BackendOptions
-from styledistill.scoring.base import EmbeddingScorer
+from styledistill.scoring.base import EmbeddingScorer, reference_cosines
 from styledistill.weights import TORCH_DTYPES, DType, batched, sha256_files, weights_file
 
 CSD_REPO = "tomg-group-umd/CSD-ViT-L"
@@ -151,8 +151,7 @@ class CSDScorer(EmbeddingScorer):
         return embeddings
 
     def compare(self, features: dict[str, np.ndarray]) -> dict[str, float]:
-        style_cos = float(features["style"] @ features["target"])
-        content_cos = float(features["content"] @ features["target"])
+        content_cos, style_cos = reference_cosines(features)
         return {"style_cos": style_cos, "style_gain": style_cos - content_cos}
 
     def model_info(self) -> dict[str, str]:

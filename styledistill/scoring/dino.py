@@ -19,7 +19,7 @@ from pydantic import Field
 from transformers import AutoImageProcessor, AutoModel
 
 from styledistill.generation.base import BackendOptions
-from styledistill.scoring.base import EmbeddingScorer
+from styledistill.scoring.base import EmbeddingScorer, reference_cosines
 from styledistill.weights import TORCH_DTYPES, DType, batched, model_dir, sha256_files
 
 DINOV2_TYPES = ("dinov2", "dinov2_with_registers")
@@ -57,8 +57,7 @@ class DinoScorer(EmbeddingScorer):
         return embeddings
 
     def compare(self, features: dict[str, np.ndarray]) -> dict[str, float]:
-        content_cos = float(features["content"] @ features["target"])
-        style_cos = float(features["style"] @ features["target"])
+        content_cos, style_cos = reference_cosines(features)
         return {"content_cos": content_cos, "leakage": style_cos - content_cos}
 
     def model_info(self) -> dict[str, str]:
