@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
 
 from styledistill.schemas.config import V1_INSTRUCTION, ConfigError, RunConfig, load_config, parse_config
 

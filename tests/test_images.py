@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from styledistill.filters.dedup import hamming
 from styledistill.pipeline import uris
 from styledistill.pipeline.images import (
     ImageError,
     decode_image,
     encode_image,
-    hamming,
     load_image,
     phash,
     prepare_content,

@@ -25,6 +25,11 @@ def _bands(max_distance: int) -> list[tuple[int, int]]:
     return bands
 
 
+
+def hamming(a: int, b: int) -> int:
+    """Bits that differ between two 64-bit perceptual hashes."""
+    return (a ^ b).bit_count()
+
 class PerceptualIndex:
     """Stored (id, hash) pairs; `find` returns the closest stored id within `max_distance`, or None."""
 
@@ -48,7 +53,7 @@ class PerceptualIndex:
                 if pos in seen:
                     continue
                 seen.add(pos)
-                distance = (self._hashes[pos] ^ h).bit_count()
+                distance = hamming(self._hashes[pos], h)
                 if distance <= self.max_distance and (best is None or (distance, pos) < best):
                     best = (distance, pos)
         return None if best is None else self._ids[best[1]]

@@ -195,7 +195,3 @@ def encode_image(arr: np.ndarray, fmt: Literal["png", "jpg", "webp"], quality: i
 def phash(arr: np.ndarray) -> int:
     """64-bit DCT perceptual hash as an int (bit order of imagehash's hex string)."""
     return int(str(imagehash.phash(Image.fromarray(arr))), 16)
-
-
-def hamming(a: int, b: int) -> int:
-    return (a ^ b).bit_count()
