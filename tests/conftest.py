@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from styledistill.pipeline.sample_data import build_sample_data
+from styledistill.tools.sample_data import build_sample_data
 from styledistill.schemas.config import RunConfig, load_config
 
 DEMO_CONFIG = Path(str(resources.files("styledistill") / "configs" / "demo.yaml"))

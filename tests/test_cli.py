@@ -62,7 +62,12 @@ def test_run_with_an_invalid_config_exits_2_with_one_line(tmp_path):
     (["plan", "{config}", "--set", "plan.recipes={rns: -1}"], "error: config field plan.recipes: Value error, "),
     # Backend options are checked before any work: no scan, no run folder.
     (["run", "{config}", "--set", "generator={backend: magenta, options: {strength: 7}}"],
-     "error: generator MagentaGenerator option strength: Input should be less than or equal to 1"),
+     "error: generator magenta option strength: Input should be less than or equal to 1"),
+    # A rule on a score no configured scorer writes fails before the GPU hours, listing what exists.
+    (["plan", "{config}", "--set", "scorers=[{backend: noop}, {backend: effnet}]",
+      "--set", "filters.rules=[{score: clip.content_cos, min: 0.5}]"],
+     "error: filters.rules.0 reads score 'clip.content_cos', which no configured scorer writes; scores: "
+     "effnet.content_cos, effnet.leakage, noop.pixel_diff\n"),
     (["plan", "{config}", "--set", "scorers=[{backend: clipp}]"], "error: unknown scorer backend 'clipp'; known:"),
 ])
 def test_other_user_errors_exit_2_without_traceback(tmp_path, monkeypatch, args, message):

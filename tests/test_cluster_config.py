@@ -24,7 +24,7 @@ def test_cluster_config_validates_with_every_backend():
     backends.build("enhancer", config.enhancer)
     backends.build("labeler", config.labeler)
 
-    assert [s.backend for s in config.scorers] == ["clip", "csd", "dino", "nsfw", "vlm_judge"]
+    assert [s.backend for s in config.scorers] == ["clip", "csd", "dino", "nsfw", "judge"]
     assert config.scorers[-1].options["route"]["score"] == "clip.content_cos"  # routes on an earlier scorer
     assert config.resolution.content_min_edge == 1024 and config.resolution.style_edge == 1024
     assert config.prompt.append_enhanced and any(pool.label == "classify" for pool in config.sources)

@@ -18,7 +18,8 @@ from ray.cluster_utils import Cluster
 from styledistill.pipeline.executor import check_placeable
 from styledistill.pipeline.run import run_pipeline
 from styledistill.schemas import manifest as mf
-from styledistill.schemas.config import StageResources, parse_config
+from styledistill.schemas.config import parse_config
+from styledistill.schemas.stages import StageResources
 from conftest import DEMO_CONFIG
 from sample_images import write_photos, write_stylized
 
@@ -43,7 +44,7 @@ def placement_config(tmp_path, out: str) -> dict:
                     {"uri": str(tmp_path / "stylized"), "label": "stylized"}],
         "resolution": {"content_max_edge": 96, "style_edge": 64},
         "plan": {"styles_per_photo": 2, "triplets_per_photo": 2, "samples_per_shard": 2},
-        "scorers": [{"backend": "noop"}, {"backend": "gram_style"}],
+        "scorers": [{"backend": "noop"}, {"backend": "gram"}],
         "stages": {
             "load": {"num_cpus": 0.25},
             "generate": {"num_cpus": 1, "num_gpus": 1},

@@ -41,7 +41,7 @@ def test_demo_config_loads():
     assert cfg.plan.samples_per_shard == 16
     assert cfg.plan.recipes == {"rns": 0.4, "sns": 0.3, "snr": 0.15, "rnr": 0.15}
     assert cfg.generator.backend == "magenta"
-    assert [s.backend for s in cfg.scorers] == ["effnet_content", "edge_structure", "magenta_style", "gram_style",
+    assert [s.backend for s in cfg.scorers] == ["effnet", "edges", "magenta", "gram",
                                                 "noop", "nsfw"]
     assert len(cfg.filters.rules) == 6
     assert cfg.filters.rules[1].recipes == ["rns", "sns", "snr"]
@@ -66,7 +66,7 @@ def test_overrides_set_nested_keys_with_yaml_types():
     assert cfg.plan.max_photos is None
     assert cfg.output.write_rejects is True
     assert cfg.plan.recipes == {"rns": 1, "sns": 0.5}
-    assert cfg.filters.rules[0].min == 0.75 and cfg.filters.rules[0].score == "content.effnet_cos"
+    assert cfg.filters.rules[0].min == 0.75 and cfg.filters.rules[0].score == "effnet.content_cos"
     assert cfg.stages.generate.num_gpus == 0.5 and cfg.stages.generate.batch_size == 4
     assert cfg.prompt.instruction == "make it: blue"
     assert cfg.sources[0].uri == "/elsewhere/photos"
@@ -94,7 +94,7 @@ def test_a_value_containing_equals_signs():
     (BASE, ["plan.recipes={rns: -0.1, sns: 1}"], "plan.recipes"),
     (BASE, ["plan.recipes={rns: 0, sns: 0}"], "plan.recipes"),
     (BASE, ["plan.recipes={rns: 1, xyz: 1}"], "plan.recipes.xyz"),
-    (BASE, ["filters.rules=[{score: content.effnet_cos}]"], "filters.rules.0"),
+    (BASE, ["filters.rules=[{score: effnet.content_cos}]"], "filters.rules.0"),
     (BASE, ["filters.rules=[{score: a, min: 0.1}, {score: b, recipes: [rns]}]"], "filters.rules.1"),
     (BASE, ["filters.rules=[{score: a, min: 0.1, recipes: [xyz]}]"], "filters.rules.0.recipes.0"),
     (BASE, ["plan.seed=abc"], "plan.seed"),

@@ -135,8 +135,8 @@ def test_content_scorer_cosine_and_leakage(images):
             {"content": "chelsea", "style": "coffee", "target": "coffee"},  # the target is the style reference
         ],
     )
-    assert blurred["effnet_cos"] > unrelated["effnet_cos"] + 0.3
-    assert leaked["leakage_margin"] > 0 > blurred["leakage_margin"]
+    assert blurred["content_cos"] > unrelated["content_cos"] + 0.3
+    assert leaked["leakage"] > 0 > blurred["leakage"]
 
 
 def test_edge_ssim_is_one_for_a_copy_and_lower_for_a_stylised_output(images):
@@ -166,8 +166,8 @@ def test_style_scorers_prefer_the_style_reference(images):
     gram = GramStyleScorer({"size": 128}, threads=1)
     gram.setup()
     for scores in (_score(magenta, images, views), _score(gram, images, views)):
-        assert scores[0]["gain"] > 0 and scores[1]["gain"] > 0
-        assert scores[2]["gain"] < 0
+        assert scores[0]["style_gain"] > 0 and scores[1]["style_gain"] > 0
+        assert scores[2]["style_gain"] < 0
     same = _score(gram, images, [{"content": "chelsea", "style": "coffee", "target": "coffee"}])[0]
     assert same["distance"] == pytest.approx(0.0, abs=1e-9)
 
@@ -212,4 +212,4 @@ def test_embedding_scorer_embeds_each_distinct_image_once(images):
     assert scores[0] == scores[2] and scores[1] == scores[4]
     # The same view scored alone gives the same numbers as inside the shared batch.
     alone = _score(scorer, images, views[:1])[0]
-    assert alone["effnet_cos"] == pytest.approx(scores[0]["effnet_cos"], abs=1e-5)
+    assert alone["content_cos"] == pytest.approx(scores[0]["content_cos"], abs=1e-5)

@@ -53,8 +53,8 @@ def test_every_planned_sample_has_a_decision(ray_run):
     rejected = df[df.status == mf.REJECTED]
     assert all(len(r) > 0 for r in rejected.reasons)  # every rejection names its rules
     assert {c for c in df.columns if c.startswith(mf.SCORE_PREFIX)} >= {
-        "score.content.effnet_cos", "score.edges.ssim", "score.style.magenta_cos", "score.gram.distance",
-        "score.noop.pixel_diff", "score.nsfw.prob", "score.content.leakage_margin"}
+        "score.effnet.content_cos", "score.edges.ssim", "score.magenta.style_cos", "score.gram.distance",
+        "score.noop.pixel_diff", "score.nsfw.prob", "score.effnet.leakage"}
     assert df[[c for c in df.columns if c.startswith(mf.SCORE_PREFIX)]].notna().all().all()
 
 
@@ -68,8 +68,8 @@ def test_tars_hold_exactly_the_accepted_samples(ray_run):
         meta = json.loads(sample["json"])
         assert meta["key"] == key and meta["status"] == mf.ACCEPTED
         assert sample["txt"].decode().startswith("Style Transfer the style of Figure 2 to Figure 1")
-        assert meta["config_hash"] and "generator" in meta["models"]
-        assert meta["models"]["generator"]["backend"] == "magenta"
+        assert meta["config_hash"] and meta["models"]["generator.magenta"]["backend"] == "magenta"
+        assert {f"scorer.{name}" for name in ("effnet", "edges", "magenta", "gram", "noop", "nsfw")} <= set(meta["models"])
     rejects = [str(p) for p in sorted((ray_run / mf.REJECTS_DIR).glob("*.tar"))]
     rejected_keys = {s["__key__"] for s in wds.WebDataset(rejects, shardshuffle=False)}
     assert rejected_keys == set(df.key[df.status == mf.REJECTED])

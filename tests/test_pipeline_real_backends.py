@@ -77,7 +77,7 @@ def pipeline_config(tmp_path: Path, models: dict[str, str], server: ScriptedServ
             {"backend": "dino", "options": {"model": models["dino"], "batch_size": 8}},
             # An RnR triplet's target is its content photo, so its clip.content_cos is 1: the band below
             # sends every other view to the judge and never that one.
-            {"backend": "vlm_judge", "options": {"vlm": endpoint(server),
+            {"backend": "judge", "options": {"vlm": endpoint(server),
                                                  "route": {"score": "clip.content_cos", "low": -1.0,
                                                            "high": 0.9999}}},
         ],
@@ -120,7 +120,7 @@ def test_real_backends_end_to_end(tmp_path, models):
     for status in (mf.ACCEPTED, mf.REJECTED):
         assert outcome.counts[status] == sum(row["status"] == status for row in rows)
 
-    for name in ("clip.content_cos", "clip.style_leak", "clip.target_stylized_prob", "dino.content_cos",
+    for name in ("clip.content_cos", "clip.leakage", "clip.target_stylized_prob", "dino.content_cos",
                  "dino.leakage"):
         assert all(np.isfinite(row[f"score.{name}"]) for row in rows), name
 
@@ -163,12 +163,12 @@ def test_real_backends_end_to_end(tmp_path, models):
         assert meta["prompts"] == {"content_prompt": "tabby cat", "style_prompt": "oil painting, thick strokes",
                                    "error": None}
         models_meta = meta["models"]
-        assert models_meta["generator"]["backend"] == "telestyle"
-        assert models_meta["generator"]["model"] == models["generator"]
+        assert models_meta["generator.telestyle"]["backend"] == "telestyle"
+        assert models_meta["generator.telestyle"]["model"] == models["generator"]
         assert models_meta["scorer.clip"]["clip_pretrained"] == models["clip"]
         assert models_meta["scorer.dino"]["dino_model"] == models["dino"]
         assert models_meta["scorer.judge"]["vlm_endpoint"] == server.base_url
-        assert models_meta["enhancer"]["vlm_endpoint"] == server.base_url
+        assert models_meta["enhancer.qwen_vl"]["vlm_endpoint"] == server.base_url
         target = Image.open(io.BytesIO(sample["target.png"]))
         assert max(target.size) <= 64 and target.size[0] % 16 == 0 and target.size[1] % 16 == 0
 

@@ -19,7 +19,7 @@ from styledistill.schemas.config import FilterConfig, OutputConfig, Rule, RunCon
 from styledistill.schemas.manifest import MANIFEST_COLUMNS, shard_name, stats_name
 
 PREFIX = "sd"
-EFFNET = "score.content.effnet_cos"
+EFFNET = "score.effnet.content_cos"
 PIXEL = "score.noop.pixel_diff"
 SCORES = (EFFNET, PIXEL)
 
@@ -32,8 +32,8 @@ def _row(key, recipe, status, reasons=(), error=None, **scores):
 SHARD_ROWS = [
     [
         _row("k0", "rns", "accepted", effnet=0.8, pixel=0.10),
-        _row("k1", "rns", "rejected", ["content.effnet_cos < 0.5"], effnet=0.4, pixel=0.10),
-        _row("k2", "sns", "rejected", ["content.effnet_cos < 0.3", "noop.pixel_diff < 0.04"],
+        _row("k1", "rns", "rejected", ["effnet.content_cos < 0.5"], effnet=0.4, pixel=0.10),
+        _row("k2", "sns", "rejected", ["effnet.content_cos < 0.3", "noop.pixel_diff < 0.04"],
              effnet=0.2, pixel=0.01),
         _row("k3", "sns", "rejected", ["parent r0: noop.pixel_diff < 0.04"], effnet=0.6, pixel=0.2),
         _row("k4", "snr", "failed", ["generate r1: CUDA out of memory at /tmp/x/gen.py:12"],
@@ -41,7 +41,7 @@ SHARD_ROWS = [
         _row("k5", "rnr", "accepted", effnet=0.9, pixel=0.3),
     ],
     [
-        _row("k6", "rns", "rejected", ["parent r1: noop.pixel_diff < 0.04", "content.effnet_cos < 0.5"],
+        _row("k6", "rns", "rejected", ["parent r1: noop.pixel_diff < 0.04", "effnet.content_cos < 0.5"],
              effnet=0.45, pixel=0.05),
         _row("k7", "rnr", "rejected", ["duplicate of sd-000000-k5"], effnet=0.7, pixel=0.3),
         _row("k8", "snr", "failed", ["generate r0: CUDA out of memory at /tmp/a/gen.py:99"],
@@ -80,7 +80,7 @@ def _make_run(root):
         filters=FilterConfig(
             generation_rules=[Rule(score="noop.pixel_diff", min=0.04)],
             rules=[
-                Rule(score="content.effnet_cos", min=0.5, per_recipe={"sns": {"min": 0.3}}),
+                Rule(score="effnet.content_cos", min=0.5, per_recipe={"sns": {"min": 0.3}}),
                 Rule(score="noop.pixel_diff", min=0.04),
             ],
         ),
@@ -105,7 +105,7 @@ def _make_run(root):
 
     thumb = {
         "k0": {"recipe": "rns", "status": "accepted", "reasons": [], "jpeg_b64": _jpeg_b64((0, 200, 0))},
-        "k1": {"recipe": "rns", "status": "rejected", "reasons": ["content.effnet_cos < 0.5"],
+        "k1": {"recipe": "rns", "status": "rejected", "reasons": ["effnet.content_cos < 0.5"],
                "jpeg_b64": _jpeg_b64((200, 0, 0))},
         "k5": {"recipe": "rnr", "status": "accepted", "reasons": [], "jpeg_b64": "not base64 <script>"},
     }
@@ -161,8 +161,8 @@ def test_counts_ignore_incomplete_shard(run_dir):
 def test_reasons_grouped_by_rule_and_parent(run_dir):
     reasons = {(r["rule"], r["inherited"]): r for r in build_summary(run_dir)["rejection_reasons"]}
     assert set(reasons) == {
-        ("content.effnet_cos <", False), ("noop.pixel_diff <", True), ("noop.pixel_diff <", False), ("duplicate", False)}
-    effnet = reasons[("content.effnet_cos <", False)]
+        ("effnet.content_cos <", False), ("noop.pixel_diff <", True), ("noop.pixel_diff <", False), ("duplicate", False)}
+    effnet = reasons[("effnet.content_cos <", False)]
     assert (effnet["count"], effnet["sole"], effnet["thresholds"]) == (3, 1, [0.3, 0.5])
     assert effnet["by_recipe"] == {"rns": 2, "sns": 1}
     assert effnet["share"] == pytest.approx(3 / 5)
@@ -244,7 +244,7 @@ def test_write_report_is_idempotent(run_dir):
 
 
 def test_reason_and_error_normalisation():
-    assert reason_group("content.effnet_cos < 0.5") == {"rule": "content.effnet_cos <", "inherited": False,
+    assert reason_group("effnet.content_cos < 0.5") == {"rule": "effnet.content_cos <", "inherited": False,
                                                          "threshold": 0.5}
     assert reason_group("parent r3: clip.score > 1e-1") == {"rule": "clip.score >", "inherited": True,
                                                             "threshold": 0.1}

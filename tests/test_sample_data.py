@@ -2,7 +2,7 @@ import os
 
 import pyarrow.parquet as pq
 
-from styledistill.pipeline.sample_data import build_sample_data
+from styledistill.tools.sample_data import build_sample_data
 from styledistill.pipeline.scan import scan_sources
 from styledistill.schemas.config import RunConfig
 

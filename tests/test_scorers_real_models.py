@@ -141,7 +141,7 @@ def build(kind: str, clip_weights: str, csd_weights: str, dino_dir: str, dtype: 
 
 
 SCORE_KEYS = {
-    "clip": {"content_cos", "style_leak", "target_stylized_prob"},
+    "clip": {"content_cos", "leakage", "target_stylized_prob"},
     "csd": {"style_cos", "style_gain"},
     "dino": {"content_cos", "leakage"},
 }
@@ -162,7 +162,7 @@ def test_scores_and_embedding_shapes(kind, clip_weights, csd_weights, dino_dir):
     assert set(first.scores) == SCORE_KEYS[kind]
     assert all(np.isfinite(value) for value in first.scores.values())
     # Target == content: the content similarity is 1 and a "leak" can only be <= 0.
-    similarity, leak = {"clip": ("content_cos", "style_leak"), "dino": ("content_cos", "leakage")}.get(
+    similarity, leak = {"clip": ("content_cos", "leakage"), "dino": ("content_cos", "leakage")}.get(
         kind, (None, "style_gain")
     )
     if similarity:

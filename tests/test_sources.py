@@ -149,7 +149,7 @@ def test_scan_records_duplicates_and_failures(pools):
 
     expected = [(f"{real}/a.jpg", "realistic"), (f"{real}/b.jpg", "realistic"), (style, "stylized")]
     assert [(k.uri, k.label) for k in kept] == expected
-    assert all(k.source_id == k.sha256[:16] and k.sha256 == rows.loc[k.uri, "sha256"] for k in kept)
+    assert all(k.sha256 == rows.loc[k.uri, "sha256"] for k in kept)
 
 
 def test_scan_dedup_settings(pools):

@@ -19,7 +19,7 @@ POISON = 255  # an all-white image makes the test doubles below raise
 
 def source(label: str, n: int) -> SourceImage:
     sha = f"{label}{n:04d}".encode().hex().ljust(64, "0")
-    return SourceImage(sha[:16], f"/data/{label}/{n}.jpg", label, sha, 64, 64)
+    return SourceImage(f"/data/{label}/{n}.jpg", label, sha, 64, 64)
 
 
 def planned_batch(tmp_path, photos: int = 2) -> list[GroupWork]:
@@ -52,7 +52,7 @@ class PoisonSensitiveScorer(EmbeddingScorer):
 def test_a_scorer_failing_on_one_image_fails_only_the_views_that_use_it(tmp_path):
     works = planned_batch(tmp_path)
     stage = ScoreStage(demo_config(tmp_path, tmp_path / "run"))
-    stage.scorers = [PoisonSensitiveScorer({})]
+    stage.backends = [PoisonSensitiveScorer({})]
     bad, good = works
     for work in works:
         for gen in work.group.generations:
@@ -75,8 +75,6 @@ def test_a_scorer_failing_on_one_image_fails_only_the_views_that_use_it(tmp_path
 
 
 class CrashingStage(Stage):
-    name = "score"
-
     def process(self, batch):
         raise MemoryError("out of memory")
 
@@ -87,8 +85,9 @@ def test_inline_batch_crash_becomes_failed_rows(tmp_path, sample_data):
     config = demo_config(sample_data, tmp_path / "run", "plan.max_photos=1")
     planner = Planner(config, [source("realistic", i) for i in range(2)], [source("stylized", i) for i in range(4)])
     writer = ShardWriter(config, str(tmp_path / "run"), {})
-    InlineExecutor(config, [CrashingStage(config)], writer).run(planner.groups(), lambda shard: False,
-                                                                lambda result: None)
+    executor = InlineExecutor(config, [CrashingStage(config, "score")])
+    executor.start()
+    executor.run(planner.groups(), lambda shard: False, lambda result: None, writer)
     rows = pd.read_parquet(tmp_path / "run" / mf.SHARDS_DIR / "styledistill-000000.parquet")
     assert len(rows) == 4 and (rows.status == mf.FAILED).all()
     assert (rows.error == "batch failed in stage score: MemoryError: out of memory").all()
@@ -114,7 +113,7 @@ class PoisonSensitiveGenerator:
 def test_a_failing_generation_fails_only_its_output(tmp_path, raises):
     works = planned_batch(tmp_path)
     stage = GenerateStage(demo_config(tmp_path, tmp_path / "run", "stages.generate.batch_size=8"))
-    stage.generator = PoisonSensitiveGenerator(raises)
+    stage.backends = [PoisonSensitiveGenerator(raises)]
     bad, good = works
     bad.images["c"] = np.full((32, 32, 3), POISON, np.uint8)
     stage.process(works)

@@ -12,8 +12,8 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
 from styledistill.generation.telestyle import resolve_model
-from styledistill.pipeline import staging
-from styledistill.pipeline.staging import COMPLETE_MARKER, is_remote, local_copy, staged
+from styledistill.io import staging
+from styledistill.io.staging import COMPLETE_MARKER, is_remote, local_copy, staged
 from styledistill.scoring.dino import DinoScorer
 from test_scorers_real_models import save_tiny_dino
 

@@ -2,7 +2,7 @@ import uuid
 
 import pytest
 
-from styledistill.pipeline import uris
+from styledistill.io import uris
 
 
 @pytest.fixture(params=["local", "file", "memory"])

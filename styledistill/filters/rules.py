@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 from styledistill.schemas.config import FilterConfig, Rule
+from styledistill.schemas.recipes import GENERATION_RECIPE
 
 
 def band(rule: Rule, recipe: str) -> tuple[float | None, float | None] | None:
@@ -43,5 +44,5 @@ def failing_rules(rules: list[Rule], recipe: str, scores: dict[str, float]) -> l
 
 
 def generation_reasons(filters: FilterConfig, scores: dict[str, float]) -> list[str]:
-    """A V1 output is judged as its own RnS triplet (c, s_i, r_i), by generation_rules if given."""
-    return failing_rules(filters.generation_rules or filters.rules, "rns", scores)
+    """A V1 output is judged as its own view (c, s_i, r_i), an RnS triplet, by generation_rules if given."""
+    return failing_rules(filters.generation_rules or filters.rules, GENERATION_RECIPE, scores)

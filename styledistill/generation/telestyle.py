@@ -29,10 +29,11 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
 )
 from pydantic import BaseModel, ConfigDict, Field
 
-from styledistill.generation.base import BackendOptions, GenerationRequest, Generator
+from styledistill.backends import BackendOptions
+from styledistill.generation.base import GenerationRequest, Generator
 from styledistill.generation.lora import LoadedLora, LoraSpec, load_loras
-from styledistill.pipeline.staging import staged
-from styledistill.weights import TORCH_DTYPES, DType, model_dir_revision
+from styledistill.io.staging import staged
+from styledistill.io.weights import TORCH_DTYPES, DType, model_dir_revision
 
 
 @dataclass
@@ -189,6 +190,8 @@ class LoraOption(BaseModel):
 
 
 class TeleStyleGenerator(Generator):
+    name = "telestyle"
+
     class Options(BackendOptions):
         model: str  # pipeline folder, or a hub id in the local cache (e.g. Qwen/Qwen-Image-Edit-2509)
         loras: list[LoraOption] = []  # TeleStyle LoRA and the Lightning 4-step LoRA, both at weight 1.0

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 from styledistill.pipeline.stages import Stage, build_backend, run_stage
 from styledistill.pipeline.writer import ShardWriter
-from styledistill.schemas.config import ModelSpec, RunConfig, StageResources
+from styledistill.schemas.config import ModelSpec, RunConfig
+from styledistill.schemas.stages import STAGES, StageResources
 from styledistill.schemas.records import Group, GroupWork, ShardResult
 
 logger = logging.getLogger(__name__)
@@ -48,13 +49,19 @@ def plan_batches(groups: Iterator[Group], groups_per_batch: int, skip_shard: Cal
 class InlineExecutor:
     """Every stage in this process, one batch at a time: the bare loop the Ray executor is measured against."""
 
-    def __init__(self, config: RunConfig, stages: list[Stage], writer: ShardWriter):
-        self.config, self.stages, self.writer = config, stages, writer
+    def __init__(self, config: RunConfig, stages: list[Stage]):
+        self.config, self.stages = config, stages
 
-    def run(self, groups: Iterator[Group], skip_shard: Callable[[int], bool], on_shard: ShardCallback) -> None:
+    def start(self) -> dict[str, dict[str, str]]:
+        """Set every stage up; returns the model ids the samples will carry."""
+        models: dict[str, dict[str, str]] = {}
         for stage in self.stages:
             stage.setup()
-            self.writer.run_meta.setdefault("models", {}).update(stage.model_info())
+            models.update(stage.model_info())
+        return models
+
+    def run(self, groups: Iterator[Group], skip_shard: Callable[[int], bool], on_shard: ShardCallback,
+            writer: ShardWriter) -> None:
         pending: list[tuple[list[Group], list[GroupWork]]] = []
         for shard, batch, last in plan_batches(groups, self.config.ray.groups_per_batch, skip_shard):
             works: list[GroupWork] | str = [GroupWork(g) for g in batch]
@@ -66,7 +73,7 @@ class InlineExecutor:
                     break
             pending.append((batch, works))
             if last:
-                on_shard(self.writer.write(shard, pending))
+                on_shard(writer.write(shard, pending))
                 pending = []
 
 
@@ -157,13 +164,11 @@ class StageStartError(RuntimeError):
     """A stage cannot run: no node can host its actors, or its actors failed to start (e.g. missing weights)."""
 
 
-def check_cluster_fits(config: RunConfig, stages: list[Stage]) -> None:
-    """Before any work: every stage (and the writer, and the labeler if any) fits on some node."""
-    for stage in stages:
-        check_placeable(stage.name, stage.resources)
-    check_placeable("write", config.stages.write)
-    if config.labeler is not None:
-        check_placeable("label", config.stages.label)
+def check_cluster_fits(config: RunConfig) -> None:
+    """Before any work: every stage of this config (the writer and the labeler too) fits on some node."""
+    for spec in STAGES.values():
+        if spec.enabled(config):
+            check_placeable(spec.name, getattr(config.stages, spec.name))
 
 
 def check_placeable(name: str, resources: StageResources) -> None:
@@ -211,31 +216,31 @@ class _OpenShard:
 
 
 class RayExecutor:
-    def __init__(self, config: RunConfig, stages: list[Stage], writer: ShardWriter):
-        self.config, self.stages, self.writer = config, stages, writer
-        retries = config.ray.batch_retries
-        self.pools = [_Pool(StageActor, stage.resources, retries, stage, stage.name) for stage in stages]
+    def __init__(self, config: RunConfig, stages: list[Stage]):
+        self.config, self.stages = config, stages
 
-    def actor_info(self) -> list[dict]:
-        """Waits until every stage actor has loaded its models; a failed start is reported by stage."""
+    def start(self) -> dict[str, dict[str, str]]:
+        """Start every stage's actors and wait until they have loaded their models (a failed start is
+        reported by stage); returns the model ids the samples will carry."""
         import ray
 
-        infos = []
+        retries = self.config.ray.batch_retries
+        self.pools = [_Pool(StageActor, stage.resources, retries, stage, stage.name) for stage in self.stages]
+        models: dict[str, dict[str, str]] = {}
         for stage, pool in zip(self.stages, self.pools):
             try:
-                infos += ray.get([a.info.remote() for a in pool.actors])
+                infos = ray.get([a.info.remote() for a in pool.actors])
             except ray.exceptions.RayActorError as err:
                 raise StageStartError(f"stage {stage.name!r} could not start: {_root_cause(err)}") from None
-        return infos
+            for info in infos:
+                models.update(info["models"])
+        return models
 
-    def run(self, groups: Iterator[Group], skip_shard: Callable[[int], bool], on_shard: ShardCallback) -> None:
+    def run(self, groups: Iterator[Group], skip_shard: Callable[[int], bool], on_shard: ShardCallback,
+            writer: ShardWriter) -> None:
         import ray
 
-        for info in self.actor_info():
-            self.writer.run_meta.setdefault("models", {}).update(info["models"])
-        # Writers are made after the stages started, so they carry the model ids into every sample.
-        self.writers = _Pool(WriterActor, self.config.stages.write, self.config.ray.batch_retries, self.writer,
-                             "write")
+        self.writers = _Pool(WriterActor, self.config.stages.write, self.config.ray.batch_retries, writer, "write")
         batches = plan_batches(groups, self.config.ray.groups_per_batch, skip_shard)
         queues: list[deque] = [deque() for _ in self.pools]  # (shard, batch index, input)
         write_queue: deque = deque()

@@ -18,7 +18,7 @@ import imagehash
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from styledistill.pipeline import uris
+from styledistill.io import uris
 from styledistill.schemas.config import DecodeLimits, Resolution
 
 LANCZOS = Image.Resampling.LANCZOS
@@ -33,7 +33,6 @@ class ImageError(ValueError):
 class LoadedImage:
     array: np.ndarray  # HxWx3 uint8 RGB
     sha256: str  # of the file bytes, hex
-    nbytes: int
 
 
 def decode_image(data: bytes, limits: DecodeLimits, name: str = "") -> np.ndarray:
@@ -127,7 +126,7 @@ def load_image(uri: str, limits: DecodeLimits) -> LoadedImage:
     if len(data) > limits.max_file_bytes:
         raise ImageError(f"file too large (over max_file_bytes {limits.max_file_bytes})")
     array = decode_image(data, limits)
-    return LoadedImage(array=array, sha256=hashlib.sha256(data).hexdigest(), nbytes=len(data))
+    return LoadedImage(array=array, sha256=hashlib.sha256(data).hexdigest())
 
 
 def _resize(arr: np.ndarray, width: int, height: int) -> np.ndarray:

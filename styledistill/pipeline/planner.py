@@ -16,15 +16,16 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from styledistill.schemas.config import RECIPES, RunConfig
+from styledistill.schemas.config import RunConfig
+from styledistill.schemas.recipes import PARTNER, RECIPES
 from styledistill.schemas.records import (
     CONTENT_SLOT,
     Generation,
     Group,
     SourceImage,
     Triplet,
+    is_result_slot,
     partner_slot,
-    result_slot,
     style_slot,
 )
 
@@ -42,20 +43,6 @@ def derive_seed(*parts: object) -> int:
     return int(stable_hash(*parts, length=16), 16) >> 1
 
 
-def _candidates(k: int) -> dict[str, list[tuple]]:
-    """Every triplet a group with k generations could yield, as (content, style, target) slot roles.
-
-    "p" stands for a fresh realistic partner, assigned when the triplet is chosen.
-    """
-    gens = range(k)
-    return {
-        "rns": [(CONTENT_SLOT, style_slot(i), result_slot(i)) for i in gens],
-        "sns": [(result_slot(j), style_slot(i), result_slot(i)) for i in gens for j in gens if i != j],
-        "snr": [(result_slot(i), "p", CONTENT_SLOT) for i in gens],
-        "rnr": [(CONTENT_SLOT, "p", CONTENT_SLOT) for _ in gens],
-    }
-
-
 class Planner:
     def __init__(self, config: RunConfig, realistic: Sequence[SourceImage], stylized: Sequence[SourceImage]):
         self.config = config
@@ -68,9 +55,10 @@ class Planner:
         k = self.plan.styles_per_photo
         if len(stylized) < k:
             raise PlanError(f"plan.styles_per_photo is {k} but the stylized pool has {len(stylized)} usable images")
-        needs_partner = self.shares["snr"] > 0 or self.shares["rnr"] > 0
-        if needs_partner and len(realistic) < 2:
-            raise PlanError("SnR/RnR need a second realistic photo as the style reference; the realistic pool has one")
+        partnered = [RECIPES[r].title for r, share in self.shares.items() if share > 0 and RECIPES[r].needs_partner]
+        if partnered and len(realistic) < 2:
+            raise PlanError(f"{'/'.join(partnered)} need a second realistic photo as the style reference; "
+                            "the realistic pool has one")
 
     def photo_count(self) -> int:
         total = len(self.realistic)
@@ -102,7 +90,7 @@ class Planner:
         generations = {}
         for _, roles in chosen:
             for slot in roles:
-                if slot.startswith("r") and slot not in generations:
+                if is_result_slot(slot) and slot not in generations:
                     i = int(slot[1:])
                     gen_id = "g" + stable_hash(content.sha256, sources[style_slot(i)].sha256, gen_seeds[i],
                                                instruction, self.generator_id)
@@ -112,32 +100,31 @@ class Planner:
         triplets = []
         used_partners: set[int] = {index}
         for recipe, roles in chosen:
-            if "p" in roles:
+            if PARTNER in roles:
                 slot = partner_slot(len(used_partners) - 1)
                 sources[slot] = self.realistic[self._draw_partner(rng, used_partners)]
-                roles = tuple(slot if r == "p" else r for r in roles)
+                roles = tuple(slot if r == PARTNER else r for r in roles)
             ident = [self._identity(slot, sources, generations) for slot in roles]
             key = f"{recipe}_{stable_hash(recipe, *ident, self.plan.seed)}"
             triplets.append(Triplet(key, recipe, roles[0], roles[1], roles[2], instruction))
         gens = tuple(generations[s] for s in sorted(generations, key=lambda s: int(s[1:])))
-        return Group(f"grp_{stable_hash(content.sha256, self.plan.seed)}", 0, index, sources, gens,
-                     tuple(triplets), seed)
+        return Group(f"grp_{stable_hash(content.sha256, self.plan.seed)}", 0, sources, gens, tuple(triplets), seed)
 
     def _choose_triplets(self, rng: np.random.Generator, k: int, max_partners: int) -> list[tuple[str, tuple]]:
         """Draw `triplets_per_photo` triplets: a recipe by its share, then one of its unused candidates."""
-        pools = {r: list(c) for r, c in _candidates(k).items() if self.shares[r] > 0}
+        pools = {name: recipe.candidates(k) for name, recipe in RECIPES.items() if self.shares[name] > 0}
         chosen = []
         partners = 0
         for _ in range(self.plan.triplets_per_photo):
-            if partners >= max_partners:  # no distinct realistic photo left for another SnR/RnR
-                pools.pop("snr", None), pools.pop("rnr", None)
+            if partners >= max_partners:  # no distinct realistic photo left for another partnered triplet
+                pools = {name: c for name, c in pools.items() if not RECIPES[name].needs_partner}
             open_recipes = [r for r in RECIPES if pools.get(r)]
             if not open_recipes:
                 break
             weights = np.array([self.shares[r] for r in open_recipes])
             recipe = open_recipes[rng.choice(len(open_recipes), p=weights / weights.sum())]
             roles = pools[recipe].pop(int(rng.integers(len(pools[recipe]))))
-            partners += "p" in roles
+            partners += PARTNER in roles
             chosen.append((recipe, roles))
         return chosen
 

@@ -18,11 +18,12 @@ from datetime import datetime, timezone
 from importlib import metadata
 
 from styledistill.backends import check_backends
-from styledistill.pipeline import uris
+from styledistill.io import uris
 from styledistill.pipeline.executor import InlineExecutor, RayExecutor, RemoteLabeler, check_cluster_fits
 from styledistill.pipeline.planner import Planner
 from styledistill.pipeline.scan import scan_sources
 from styledistill.pipeline.stages import build_backend, build_stages
+from styledistill.schemas.stages import STAGES, active_stages
 from styledistill.pipeline.writer import ShardWriter
 from styledistill.schemas import manifest as mf
 from styledistill.schemas.config import ConfigError, RunConfig
@@ -78,7 +79,7 @@ def finished_shards(run_uri: str) -> dict[int, dict]:
         return {}
     done = {}
     for name in uris.listdir(shards_dir):
-        if name.endswith("_stats.json"):
+        if mf.is_stats_name(name):
             stats = json.loads(uris.read_bytes(uris.join(shards_dir, name)))
             done[stats["shard"]] = stats
     return done
@@ -114,8 +115,8 @@ def start_ray(config: RunConfig, address: str | None) -> None:
         return
     # A local Ray gets enough logical CPUs for one actor of every stage: on a laptop-sized machine the
     # stages then share the cores instead of an actor waiting forever for a CPU that never frees up.
-    wanted = sum(getattr(config.stages, s.name).num_cpus * getattr(config.stages, s.name).concurrency
-                 for s in build_stages(config)) + config.stages.write.num_cpus * config.stages.write.concurrency
+    actors = [getattr(config.stages, spec.name) for spec in [*active_stages(config), STAGES["write"]]]
+    wanted = sum(resources.num_cpus * resources.concurrency for resources in actors)
     num_cpus = config.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(wanted))
     ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR")
 
@@ -137,29 +138,47 @@ def split_pools(sources) -> tuple[list, list]:
     return realistic, stylized
 
 
+@dataclass
+class PreparedRun:
+    """A run folder opened, its sources scanned and its plan ready; what `run` and `plan` share."""
+
+    run_uri: str
+    meta: dict
+    planner: Planner
+    done: dict[int, dict]  # shard -> stats of the shards already finished
+
+
+def prepare_run(config: RunConfig, *, ray_address: str | None = None, inline: bool = False,
+                on_scan: Callable[[int], None] | None = None) -> PreparedRun:
+    """Check the config's backends, open (or reopen) the run folder, join or start Ray unless inline and check
+    every stage fits, scan the sources (reused on a resume) and plan."""
+    check_backends(config)
+    run_uri = config.output.uri
+    meta = open_run_folder(config, run_uri)
+    if not inline:
+        start_ray(config, ray_address)
+        check_cluster_fits(config)
+    # A resumed run reuses its scan: no labeler (and no GPU actor for it) is needed then.
+    scanned = uris.exists(uris.join(run_uri, mf.SOURCES_FILE))
+    labeler = None if scanned else build_labeler(config, inline)
+    sources = scan_sources(config, run_uri, labeler, on_scan, use_ray=not inline)
+    return PreparedRun(run_uri, meta, Planner(config, *split_pools(sources)), finished_shards(run_uri))
+
+
 def run_pipeline(config: RunConfig, *, ray_address: str | None = None, inline: bool = False,
                  on_shard: Callable[[ShardResult], None] | None = None,
                  on_plan: Callable[[int, int], None] | None = None,
                  on_scan: Callable[[int], None] | None = None,
                  report: bool = True) -> RunOutcome:
     """Run (or resume) the job described by `config`. `inline` runs without Ray, in this process."""
-    check_backends(config)
-    run_uri = config.output.uri
-    meta = open_run_folder(config, run_uri)
-    stages = build_stages(config)
-    if not inline:
-        start_ray(config, ray_address)
-        check_cluster_fits(config, stages)
-    # A resumed run reuses its scan: no labeler (and no GPU actor for it) is needed then.
-    scanned = uris.exists(uris.join(run_uri, mf.SOURCES_FILE))
-    labeler = None if scanned else build_labeler(config, inline)
-    sources = scan_sources(config, run_uri, labeler, on_scan, use_ray=not inline)
-    planner = Planner(config, *split_pools(sources))
-    done = finished_shards(run_uri)
+    prepared = prepare_run(config, ray_address=ray_address, inline=inline, on_scan=on_scan)
+    run_uri, planner, done = prepared.run_uri, prepared.planner, prepared.done
     if on_plan is not None:  # (photos planned, photos already in finished shards)
         on_plan(planner.photo_count(), sum(stats["groups"] for stats in done.values()))
-    writer = ShardWriter(config, run_uri, {"config_hash": meta["config_hash"], "versions": meta["versions"]})
-    executor = (InlineExecutor if inline else RayExecutor)(config, stages, writer)
+    executor = (InlineExecutor if inline else RayExecutor)(config, build_stages(config))
+    models = executor.start()
+    writer = ShardWriter(config, run_uri, {"config_hash": prepared.meta["config_hash"],
+                                           "versions": prepared.meta["versions"], "models": models})
 
     outcome = RunOutcome(run_uri, shards=0, skipped_shards=len(done))
     for stats in done.values():
@@ -177,7 +196,7 @@ def run_pipeline(config: RunConfig, *, ray_address: str | None = None, inline: b
             on_shard(result)
 
     start = time.perf_counter()
-    executor.run(counted(planner.groups()), lambda shard: shard in done, shard_done)
+    executor.run(counted(planner.groups()), lambda shard: shard in done, shard_done, writer)
     outcome.wall_s = time.perf_counter() - start
     write_indexes(config, run_uri, outcome.shards)
     _write_metrics(run_uri, config, outcome, inline)

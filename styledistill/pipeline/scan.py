@@ -22,7 +22,7 @@ import ray
 from PIL import Image
 
 from styledistill.filters.dedup import Deduplicator
-from styledistill.pipeline import uris
+from styledistill.io import uris
 from styledistill.pipeline.images import ImageError, load_image, phash
 from styledistill.pipeline.sources import LABELS, SourceEntry, check_pool, iter_source_entries
 from styledistill.schemas.config import DecodeLimits, RunConfig
@@ -216,7 +216,6 @@ def _row(
 
 def _source_image(row: dict) -> SourceImage:
     return SourceImage(
-        source_id=row["sha256"][:16],
         uri=row["uri"],
         label=row["label"],
         sha256=row["sha256"],

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pandas as pd
 import pyarrow.parquet as pq
 
-from styledistill.pipeline import uris
+from styledistill.io import uris
 from styledistill.schemas.config import SourcePool
 
 LABELS = ("realistic", "stylized")

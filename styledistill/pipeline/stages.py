@@ -17,7 +17,8 @@ import numpy as np
 from styledistill import backends
 from styledistill.generation.base import GenerationRequest
 from styledistill.pipeline import images
-from styledistill.schemas.config import ModelSpec, RunConfig, StageResources
+from styledistill.schemas.config import ModelSpec, RunConfig
+from styledistill.schemas.stages import StageResources, active_stages, stage_by_impl
 from styledistill.schemas.records import CONTENT_SLOT, GroupWork
 from styledistill.scoring.base import ViewScores
 
@@ -50,10 +51,11 @@ def _error(err: BaseException) -> str:
 
 
 class Stage(ABC):
-    name: str = "stage"
+    """A stage of the batch chain; its name and default resources are its entry in schemas/stages.py."""
 
-    def __init__(self, config: RunConfig):
+    def __init__(self, config: RunConfig, name: str | None = None):
         self.config = config
+        self.name = name or stage_by_impl(type(self)).name
         self.resources: StageResources = getattr(config.stages, self.name)
 
     def setup(self) -> None:
@@ -67,10 +69,25 @@ class Stage(ABC):
         return {}
 
 
+class ModelStage(Stage):
+    """A stage that runs model backends: built from the config (`specs`), placed by the stage's resources,
+    set up once per actor, and their ids reported under `<kind>.<name>`."""
+
+    def specs(self) -> list[tuple[str, ModelSpec]]:
+        """(backend kind, spec) of each backend this stage runs."""
+        raise NotImplementedError
+
+    def setup(self):
+        self.backends = [build_backend(kind, spec, self.resources) for kind, spec in self.specs()]
+        for backend in self.backends:
+            backend.setup()
+
+    def model_info(self):
+        return {f"{b.kind}.{b.name}": b.model_info() for b in self.backends}
+
+
 class LoadStage(Stage):
     """Read and normalise each source image of a group, sized by the resolution rules."""
-
-    name = "load"
 
     def process(self, batch):
         res = self.config.resolution
@@ -87,17 +104,15 @@ class LoadStage(Stage):
         return batch
 
 
-class GenerateStage(Stage):
+class GenerateStage(ModelStage):
     """r_i = G(c, s_i) for each planned generation, batched across groups."""
 
-    name = "generate"
+    def specs(self):
+        return [("generator", self.config.generator)]
 
-    def setup(self):
-        self.generator = build_backend("generator", self.config.generator, self.resources)
-        self.generator.setup()
-
-    def model_info(self):
-        return {"generator": self.generator.model_info()}
+    @property
+    def generator(self):
+        return self.backends[0]
 
     def process(self, batch):
         todo = []
@@ -133,17 +148,15 @@ class GenerateStage(Stage):
                 work.fail(gen.slot, f"{gen.slot}: generation failed: {_error(err)}")
 
 
-class EnhanceStage(Stage):
+class EnhanceStage(ModelStage):
     """TeleStyle V2's prompt enhancer: content and style words for each triplet's two references."""
 
-    name = "enhance"
+    def specs(self):
+        return [("enhancer", self.config.enhancer)]
 
-    def setup(self):
-        self.enhancer = build_backend("enhancer", self.config.enhancer, self.resources)
-        self.enhancer.setup()
-
-    def model_info(self):
-        return {"enhancer": self.enhancer.model_info()}
+    @property
+    def enhancer(self):
+        return self.backends[0]
 
     def process(self, batch):
         todo = [(w, t) for w in batch for t in w.group.triplets
@@ -158,18 +171,15 @@ class EnhanceStage(Stage):
         return batch
 
 
-class ScoreStage(Stage):
+class ScoreStage(ModelStage):
     """Every configured scorer on every generation view (c, s_i, r_i) and every triplet view."""
 
-    name = "score"
+    def specs(self):
+        return [("scorer", spec) for spec in self.config.scorers]
 
-    def setup(self):
-        self.scorers = [build_backend("scorer", spec, self.resources) for spec in self.config.scorers]
-        for scorer in self.scorers:
-            scorer.setup()
-
-    def model_info(self):
-        return {f"scorer.{s.name}": s.model_info() for s in self.scorers}
+    @property
+    def scorers(self):
+        return self.backends
 
     def process(self, batch):
         # One view per distinct (content, style, target) slot triple: an RnS triplet is its generation's view.
@@ -229,8 +239,6 @@ class ScoreStage(Stage):
 class EncodeStage(Stage):
     """Encode each image a triplet uses, once, and drop the pixels: the writer needs only bytes."""
 
-    name = "encode"
-
     def process(self, batch):
         out = self.config.output
         for work in batch:
@@ -244,11 +252,8 @@ class EncodeStage(Stage):
 
 
 def build_stages(config: RunConfig) -> list[Stage]:
-    stages: list[Stage] = [LoadStage(config), GenerateStage(config)]
-    if config.enhancer is not None:
-        stages.append(EnhanceStage(config))
-    stages += [ScoreStage(config), EncodeStage(config)]
-    return stages
+    """The batch chain of this config, from its declaration (schemas/stages.py), in order."""
+    return [backends.import_object(spec.impl)(config, spec.name) for spec in active_stages(config)]
 
 
 def run_stage(stage: Stage, batch: list[GroupWork]) -> list[GroupWork]:

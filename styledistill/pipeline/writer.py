@@ -21,10 +21,11 @@ import webdataset as wds
 from PIL import Image
 
 from styledistill.filters.rules import failing_rules, generation_reasons
-from styledistill.pipeline import uris
+from styledistill.io import uris
 from styledistill.schemas import manifest as mf
 from styledistill.schemas.config import RunConfig
-from styledistill.schemas.records import Group, GroupWork, ShardResult, Triplet
+from styledistill.schemas.recipes import RECIPES
+from styledistill.schemas.records import Group, GroupWork, ShardResult, Triplet, is_result_slot
 
 THUMB_HEIGHT = 96
 THUMBS_PER_STATUS = 3  # per shard: enough for the report's grids, small enough to never matter
@@ -116,8 +117,8 @@ class ShardWriter:
             status, reasons = mf.FAILED, [error]
         else:
             reasons = failing_rules(self.config.filters.rules, triplet.recipe, scores)
-            if triplet.recipe != "rns":  # an RnS triplet *is* its generation's view, judged above
-                for slot in dict.fromkeys(s for s in slots if s.startswith("r")):
+            if not RECIPES[triplet.recipe].is_generation_view:  # that one *is* its generation's view
+                for slot in dict.fromkeys(s for s in slots if is_result_slot(s)):
                     parent = generation_reasons(self.config.filters, work.generation_scores.get(slot, {}))
                     reasons += [f"parent {slot}: {r}" for r in parent]
             signature = tuple(work.image_sha256[s] for s in slots)
@@ -143,7 +144,7 @@ class ShardWriter:
         meta = {
             "key": triplet.key, "recipe": triplet.recipe, "status": status, "reasons": reasons,
             "instruction": instruction, "prompts": notes.get("prompts"), "scores": scores,
-            "generation_scores": {s: work.generation_scores.get(s, {}) for s in slots if s.startswith("r")},
+            "generation_scores": {s: work.generation_scores.get(s, {}) for s in slots if is_result_slot(s)},
             "lineage": lineage, "group_id": work.group.group_id, "seed": work.group.seed, **self.run_meta,
         }
         ext = self.config.output.image_format

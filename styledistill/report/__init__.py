@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from styledistill.report.html import render_report
-from styledistill.pipeline import uris
+from styledistill.io import uris
 from styledistill.report.summary import build_summary
 from styledistill.schemas.manifest import REPORT_FILE, SUMMARY_FILE
 

@@ -17,8 +17,8 @@ from typing import Any
 import jinja2
 from markupsafe import Markup
 
-from styledistill.pipeline import uris
-from styledistill.schemas.config import RECIPES
+from styledistill.io import uris
+from styledistill.schemas.recipes import recipe_sorted
 from styledistill.schemas.manifest import ACCEPTED, FAILED, REJECTED, THUMBS_DIR
 
 COLOURS = {ACCEPTED: "#2e7d32", REJECTED: "#c62828", FAILED: "#9e9e9e"}
@@ -177,7 +177,7 @@ def reasons_svg(reasons: list[dict[str, Any]], width: int = 920) -> str:
 
 
 def reason_label(reason: dict[str, Any]) -> str:
-    """"content.effnet_cos < 0.5"; several thresholds (per-recipe bands) are listed together."""
+    """"effnet.content_cos < 0.5"; several thresholds (per-recipe bands) are listed together."""
     thresholds = reason.get("thresholds") or []
     text = reason["rule"]
     if thresholds:
@@ -222,7 +222,7 @@ def _jpeg_data_uri(b64: str) -> str | None:
 
 
 def _round_robin(by_recipe: dict[str, list], limit: int) -> list:
-    order = [r for r in RECIPES if r in by_recipe] + sorted(r for r in by_recipe if r not in RECIPES)
+    order = recipe_sorted(by_recipe)
     picked, depth = [], 0
     while len(picked) < limit and any(depth < len(by_recipe[r]) for r in order):
         for recipe in order:

@@ -18,8 +18,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from styledistill.filters.rules import band
-from styledistill.pipeline import uris
-from styledistill.schemas.config import RECIPES, Rule
+from styledistill.io import uris
+from styledistill.schemas.config import Rule
+from styledistill.schemas.recipes import GENERATION_RECIPE, RECIPE_NAMES, recipe_sorted
+from styledistill.schemas.stages import STAGE_ORDER
 from styledistill.schemas.manifest import (
     ACCEPTED,
     FAILED,
@@ -29,20 +31,21 @@ from styledistill.schemas.manifest import (
     SCORE_PREFIX,
     SHARDS_DIR,
     SOURCES_FILE,
+    STATS_SUFFIX,
+    is_stats_name,
+    stats_name,
 )
 
 STATUSES = (ACCEPTED, REJECTED, FAILED)
-STAGE_ORDER = ("load", "generate", "enhance", "score", "encode")  # the pipeline order, for the table
 HISTOGRAM_BINS = 30
 PERCENTILES = (5, 25, 50, 75, 95)
-STATS_SUFFIX = "_stats.json"
 MANIFEST_READ_COLUMNS = ("recipe", "status", "reasons", "error")
 EXAMPLES_PER_GROUP = 3
 
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?inf|nan"
 _PARENT = re.compile(r"^parent\s+(?P<slot>[^:\s]+)\s*:\s*(?P<rest>.+)$")
 _DUPLICATE = re.compile(r"^duplicate of\b")
-# The writer's reasons (filters/rules.py): "content.effnet_cos < 0.5", "... > 0.9", "content.effnet_cos missing"
+# The writer's reasons (filters/rules.py): "effnet.content_cos < 0.5", "... > 0.9", "effnet.content_cos missing"
 _BAND = re.compile(rf"^(?P<score>[A-Za-z_][\w.\-]*)\s*(?P<op><=|>=|<|>)\s*(?P<thr>{_NUMBER})$")
 _MISSING = re.compile(r"^(?P<score>[A-Za-z_][\w.\-]*) missing$")
 
@@ -54,7 +57,7 @@ _MISSING = re.compile(r"^(?P<score>[A-Za-z_][\w.\-]*) missing$")
 def reason_group(reason: str) -> dict[str, Any]:
     """How one reason string is counted: its rule key, whether inherited from a parent generation, threshold.
 
-    "content.effnet_cos < 0.5" and "content.effnet_cos < 0.3" (a per-recipe band) are one rule;
+    "effnet.content_cos < 0.5" and "effnet.content_cos < 0.3" (a per-recipe band) are one rule;
     "parent r0: X" and "parent r1: X" are one inherited rule; "duplicate of <key>" is one rule.
     """
     text = reason.strip()
@@ -102,17 +105,17 @@ def rule_thresholds(filters: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
         for raw in filters.get(key) or []:
             rule = Rule.model_validate(raw)
             column = score_column(rule.score)
-            # Generations are judged as RnS views whatever triplets they feed: their band is the rns one.
-            for recipe in RECIPES:
-                limits = band(rule, "rns" if level == "generation" else recipe)
+            # Generations are judged as their own view whatever triplets they feed: their band is that recipe's.
+            for recipe in RECIPE_NAMES:
+                limits = band(rule, GENERATION_RECIPE if level == "generation" else recipe)
                 for bound, value in zip(("min", "max"), limits or ()):
                     if value is not None:
                         lines[(column, level, bound, float(value))].add(recipe)
     out: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for (column, level, bound, value), recipes in sorted(lines.items()):
-        every = recipes >= set(RECIPES)
+        every = recipes >= set(RECIPE_NAMES)
         out[column].append(
-            {"bound": bound, "value": value, "level": level, "recipes": None if every else _recipe_sorted(recipes)}
+            {"bound": bound, "value": value, "level": level, "recipes": None if every else recipe_sorted(recipes)}
         )
     return dict(out)
 
@@ -139,10 +142,6 @@ def _column(table: pa.Table, name: str, default: Any = None) -> list:
     return table.column(name).to_pylist() if name in table.column_names else [default] * table.num_rows
 
 
-def _recipe_sorted(recipes) -> list[str]:
-    known = [r for r in RECIPES if r in recipes]
-    return known + sorted(r for r in recipes if r not in RECIPES)
-
 
 def list_shards(run_uri: str) -> tuple[list[str], list[str], list[str]]:
     """(complete, incomplete, stats_without_manifest) shard names: a shard is complete once its stats exist."""
@@ -151,7 +150,7 @@ def list_shards(run_uri: str) -> tuple[list[str], list[str], list[str]]:
         return [], [], []
     names = set(uris.listdir(shards_dir))
     manifests = {n[: -len(".parquet")] for n in names if n.endswith(".parquet")}
-    stats = {n[: -len(STATS_SUFFIX)] for n in names if n.endswith(STATS_SUFFIX)}
+    stats = {n[: -len(STATS_SUFFIX)] for n in names if is_stats_name(n)}
     return sorted(manifests & stats), sorted(manifests - stats), sorted(stats - manifests)
 
 
@@ -206,7 +205,7 @@ def build_summary(run_uri: str) -> dict[str, Any]:
 
     shards_dir = uris.join(run_uri, SHARDS_DIR)
     for name in complete:
-        stats = _read_json(uris.join(shards_dir, name + STATS_SUFFIX))
+        stats = _read_json(uris.join(shards_dir, stats_name(name)))
         table = _read_columns(uris.join(shards_dir, name + ".parquet"), MANIFEST_READ_COLUMNS, SCORE_PREFIX)
         score_columns = [c for c in table.column_names if c.startswith(SCORE_PREFIX)]
         recipes, statuses = _column(table, "recipe"), _column(table, "status")
@@ -326,7 +325,7 @@ def _finish_groups(groups: dict, label: str, whole: int) -> list[dict[str, Any]]
     out = []
     for entry in groups.values():
         item = dict(entry)
-        item["by_recipe"] = {r: entry["by_recipe"][r] for r in _recipe_sorted(entry["by_recipe"])}
+        item["by_recipe"] = {r: entry["by_recipe"][r] for r in recipe_sorted(entry["by_recipe"])}
         item["share"] = _rate(entry["count"], whole)
         if "thresholds" in item:
             item["thresholds"] = sorted(entry["thresholds"])
@@ -336,7 +335,7 @@ def _finish_groups(groups: dict, label: str, whole: int) -> list[dict[str, Any]]
 
 def _recipe_table(decisions: Counter) -> dict[str, dict[str, Any]]:
     table = {}
-    for recipe in _recipe_sorted({r for r, _ in decisions}):
+    for recipe in recipe_sorted({r for r, _ in decisions}):
         counts = {s: decisions.get((recipe, s), 0) for s in STATUSES}
         other = sum(n for (r, s), n in decisions.items() if r == recipe and s not in STATUSES)
         total = sum(counts.values()) + other
@@ -381,7 +380,7 @@ def _score_summaries(scores, rows_by_status, recipe_vocab, status_vocab, thresho
             "missing": total - int(values.size),
             **_stats(values),
             "by_status": {s: by_status[s] for s in sorted(by_status, key=_status_order)},
-            "by_recipe": {r: by_recipe[r] for r in _recipe_sorted(by_recipe)},
+            "by_recipe": {r: by_recipe[r] for r in recipe_sorted(by_recipe)},
             "histogram": _histogram(values, status_codes, status_vocab, [line["value"] for line in lines]),
             "thresholds": lines,
         }

@@ -15,11 +15,13 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from styledistill.schemas.recipes import RECIPE_NAMES
+from styledistill.schemas.stages import StagesConfig
+
 V1_INSTRUCTION = (
     "Style Transfer the style of Figure 2 to Figure 1, and keep the content and characteristics of Figure 1."
 )
-RECIPES = ("rns", "sns", "snr", "rnr")
-Recipe = Literal["rns", "sns", "snr", "rnr"]
+Recipe = Literal[RECIPE_NAMES]  # type: ignore[valid-type]  # the names of the recipe table
 Label = Literal["realistic", "stylized"]
 
 
@@ -93,29 +95,6 @@ class ModelSpec(Strict):
 
     backend: str
     options: dict[str, Any] = {}
-
-
-class StageResources(Strict):
-    """What one actor of a stage asks Ray for, and how many actors the stage runs."""
-
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    memory_gb: float | None = None
-    # Ray custom resources a node must offer, e.g. {"h100": 1} to pin the generator to one node type.
-    resources: dict[str, float] = {}
-    concurrency: int = Field(1, ge=1)
-    batch_size: int = Field(8, ge=1)  # items per model call inside the stage
-    max_in_flight: int = Field(2, ge=1)  # batches queued per actor, so it never idles between batches
-
-
-class StagesConfig(Strict):
-    load: StageResources = StageResources(num_cpus=0.25)
-    generate: StageResources = StageResources(num_cpus=1.0)
-    enhance: StageResources = StageResources(num_cpus=1.0)  # only when an enhancer is configured
-    score: StageResources = StageResources(num_cpus=1.0)
-    encode: StageResources = StageResources(num_cpus=0.25)
-    write: StageResources = StageResources(num_cpus=0.25)
-    label: StageResources = StageResources(num_cpus=1.0)  # the scan's labeler, when a pool is `classify`
 
 
 class Rule(Strict):

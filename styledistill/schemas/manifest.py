@@ -45,8 +45,15 @@ def shard_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:06d}"
 
 
+STATS_SUFFIX = "_stats.json"
+
+
 def stats_name(shard: str) -> str:
-    return f"{shard}_stats.json"
+    return f"{shard}{STATS_SUFFIX}"
+
+
+def is_stats_name(file_name: str) -> bool:
+    return file_name.endswith(STATS_SUFFIX)
 
 
 # The fixed columns of a shard manifest; score columns ("score.<name>", float64) follow them.

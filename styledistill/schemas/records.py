@@ -27,11 +27,15 @@ def result_slot(i: int) -> str:
     return f"r{i}"
 
 
+def is_result_slot(slot: str) -> bool:
+    """A V1 output r_i (as opposed to a source image: c, s_i, p_j)."""
+    return slot.startswith("r")
+
+
 @dataclass(frozen=True)
 class SourceImage:
     """One scanned, valid, de-duplicated source image (a row of sources.parquet with status ok)."""
 
-    source_id: str  # stable id of the file's bytes: sha256 prefix
     uri: str
     label: str  # realistic | stylized
     sha256: str
@@ -65,7 +69,6 @@ class Triplet:
 class Group:
     group_id: str
     shard: int
-    index: int  # position in the plan, for a stable order inside the shard
     sources: dict[str, SourceImage]  # slot -> source, for c, s_i and p_j
     generations: tuple[Generation, ...]
     triplets: tuple[Triplet, ...]
@@ -84,7 +87,8 @@ class GroupWork:
     # Scores of each generation's (c, s_i, r_i) view, by generation slot, and of each triplet, by key.
     generation_scores: dict[str, dict[str, float]] = field(default_factory=dict)
     triplet_scores: dict[str, dict[str, float]] = field(default_factory=dict)
-    # Per-slot extra outputs: enhanced prompts, labels, judge raw text, model ids.
+    # Per-triplet extras by triplet key: enhancer answers ("prompts"), scorer notes ("notes"), and the
+    # scorers that failed on its view ("scorer_errors").
     annotations: dict[str, dict[str, Any]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds spent on this group
     nodes: dict[str, str] = field(default_factory=dict)  # stage -> Ray node id that ran it

@@ -7,13 +7,13 @@ each distinct image of a batch once and reuses it for every view that shares it.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from styledistill.generation.base import BackendOptions, parse_options
+from styledistill.backends import Backend
 
 ROLES = ("content", "style", "target")
 
@@ -31,20 +31,16 @@ def reference_cosines(features: dict[str, np.ndarray]) -> tuple[float, float]:
     return float(features["content"] @ target), float(features["style"] @ target)
 
 
-class Scorer(ABC):
-    """Subclasses set `name` (the score prefix), `Options`, and implement `setup`, `score_views`."""
+class Scorer(Backend):
+    """Subclasses set `name` (their registry key and score prefix), `scores` (the names they write),
+    `Options`, and implement `setup` and `score_views`."""
 
-    name: str = "scorer"
-    Options: type[BackendOptions] = BackendOptions
+    kind = "scorer"
+    scores: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, options: dict[str, Any], device: str = "cpu", threads: int = 1):
-        self.options = parse_options(self.Options, options, f"scorer {self.name}")
-        self.device = device
-        self.threads = threads
-
-    @abstractmethod
-    def setup(self) -> None:
-        """Load weights once per actor."""
+    def declared_scores(self) -> tuple[str, ...]:
+        """The score names this scorer writes with its options (the stats keys filters may read)."""
+        return self.scores
 
     @abstractmethod
     def score_views(
@@ -54,10 +50,6 @@ class Scorer(ABC):
         prior: list[dict[str, float]],
     ) -> list[ViewScores]:
         """`views[i]` maps role -> image id in `images`; `prior[i]` holds scores of earlier scorers."""
-
-    def model_info(self) -> dict[str, str]:
-        return {}
-
 
 class EmbeddingScorer(Scorer):
     """Scores from per-image features; only the roles in `roles` are embedded."""

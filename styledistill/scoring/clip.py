@@ -2,7 +2,7 @@
 
 `ClipScorer` ("clip") writes, per view:
 - `content_cos`: cosine of the content and target image embeddings (InstructPix2Pix kept pairs >= 0.7);
-- `style_leak`: cos(style, target) - cos(content, target); > 0 means the target looks more like the style
+- `leakage`: cos(style, target) - cos(content, target); > 0 means the target looks more like the style
   reference than like its content, i.e. content leaked from the style image;
 - `target_stylized_prob`: zero-shot P(stylized) of the target from two prompt ensembles;
 - `aesthetic`: the LAION improved-aesthetic-predictor v2 on the target, when `aesthetic_weights` is given.
@@ -31,9 +31,9 @@ from PIL import Image
 from pydantic import Field, field_validator
 from torch import nn
 
-from styledistill.generation.base import BackendOptions, parse_options
+from styledistill.backends import Backend, BackendOptions
 from styledistill.scoring.base import EmbeddingScorer, reference_cosines
-from styledistill.weights import (
+from styledistill.io.weights import (
     TORCH_DTYPES,
     DType,
     batched,
@@ -263,7 +263,11 @@ class ClipImageFeatures:
 
 class ClipScorer(EmbeddingScorer):
     name = "clip"
+    scores = ("content_cos", "leakage", "target_stylized_prob", "aesthetic")
     Options = ClipScorerOptions
+
+    def declared_scores(self) -> tuple[str, ...]:
+        return self.scores if self.options.aesthetic_weights else self.scores[:-1]
 
     def setup(self) -> None:
         self.clip = ClipModel(self.options, self.device)
@@ -288,7 +292,7 @@ class ClipScorer(EmbeddingScorer):
         content_cos, style_cos = reference_cosines({role: f.embedding for role, f in features.items()})
         scores = {
             "content_cos": content_cos,
-            "style_leak": style_cos - content_cos,
+            "leakage": style_cos - content_cos,
             "target_stylized_prob": features["target"].stylized_prob,
         }
         if features["target"].aesthetic is not None:
@@ -299,16 +303,12 @@ class ClipScorer(EmbeddingScorer):
         return dict(self.info)
 
 
-class ClipLabeler:
+class ClipLabeler(Backend):
     """Realistic/stylized labels for source pools with `label: classify`."""
 
+    kind = "labeler"
     name = "clip"
     Options = ClipLabelerOptions
-
-    def __init__(self, options: dict[str, Any], device: str = "cpu", threads: int = 1):
-        self.options = parse_options(self.Options, options, f"labeler {self.name}")
-        self.device = device
-        self.threads = threads
 
     def setup(self) -> None:
         self.clip = ClipModel(self.options, self.device)

@@ -9,19 +9,20 @@ from skimage.filters import sobel
 from skimage.metrics import structural_similarity
 from skimage.transform import resize
 
-from styledistill.generation.base import BackendOptions
+from styledistill.backends import BackendOptions
 from styledistill.scoring.base import EmbeddingScorer, reference_cosines
 from styledistill.scoring.effnet import shared_effnet
 
 
 class EffNetContentScorer(EmbeddingScorer):
-    """`effnet_cos`: cosine of pooled ImageNet features, content vs target.
+    """`content_cos`: cosine of pooled ImageNet features, content vs target.
 
-    `leakage_margin` = cos(style, target) - cos(content, target): above 0 the target looks more like what the
+    `leakage` = cos(style, target) - cos(content, target): above 0 the target looks more like what the
     style reference depicts than like the content photo, i.e. the style reference's content leaked in.
     """
 
-    name = "content"
+    name = "effnet"
+    scores = ("content_cos", "leakage")
 
     class Options(BackendOptions):
         batch_size: int = Field(16, ge=1)
@@ -34,7 +35,7 @@ class EffNetContentScorer(EmbeddingScorer):
 
     def compare(self, features: dict[str, np.ndarray]) -> dict[str, float]:
         content_cos, style_cos = reference_cosines(features)  # features are L2-normalised
-        return {"effnet_cos": content_cos, "leakage_margin": style_cos - content_cos}
+        return {"content_cos": content_cos, "leakage": style_cos - content_cos}
 
     def model_info(self) -> dict[str, str]:
         return self.net.info()
@@ -48,6 +49,7 @@ class EdgeStructureScorer(EmbeddingScorer):
     """
 
     name = "edges"
+    scores = ("ssim",)
     roles = ("content", "target")
 
     class Options(BackendOptions):

@@ -32,9 +32,9 @@ from PIL import Image
 from pydantic import Field
 from torch import nn
 
-from styledistill.generation.base import BackendOptions
+from styledistill.backends import BackendOptions
 from styledistill.scoring.base import EmbeddingScorer, reference_cosines
-from styledistill.weights import TORCH_DTYPES, DType, batched, sha256_files, weights_file
+from styledistill.io.weights import TORCH_DTYPES, DType, batched, sha256_files, weights_file
 
 CSD_REPO = "tomg-group-umd/CSD-ViT-L"
 CSD_FILENAME = "pytorch_model.bin"
@@ -122,6 +122,7 @@ def load_csd_model(path, options: CSDOptions) -> CSDModel:
 
 class CSDScorer(EmbeddingScorer):
     name = "csd"
+    scores = ("style_cos", "style_gain")
     Options = CSDOptions
 
     def setup(self) -> None:

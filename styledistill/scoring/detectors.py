@@ -18,6 +18,7 @@ class NoOpScorer(EmbeddingScorer):
     """
 
     name = "noop"
+    scores = ("pixel_diff",)
     roles = ("content", "target")
 
     def setup(self) -> None:

@@ -18,9 +18,9 @@ import transformers
 from pydantic import Field
 from transformers import AutoImageProcessor, AutoModel
 
-from styledistill.generation.base import BackendOptions
+from styledistill.backends import BackendOptions
 from styledistill.scoring.base import EmbeddingScorer, reference_cosines
-from styledistill.weights import TORCH_DTYPES, DType, batched, model_dir, sha256_files
+from styledistill.io.weights import TORCH_DTYPES, DType, batched, model_dir, sha256_files
 
 DINOV2_TYPES = ("dinov2", "dinov2_with_registers")
 
@@ -33,6 +33,7 @@ class DinoOptions(BackendOptions):
 
 class DinoScorer(EmbeddingScorer):
     name = "dino"
+    scores = ("content_cos", "leakage")
     Options = DinoOptions
 
     def setup(self) -> None:

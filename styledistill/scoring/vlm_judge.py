@@ -26,7 +26,7 @@ import re
 
 from pydantic import Field, model_validator
 
-from styledistill.generation.base import BackendOptions
+from styledistill.backends import BackendOptions
 from styledistill.scoring.base import Scorer, ViewScores
 from styledistill.vlm import ChatRequest, VLMClient, VLMOptions, build_client
 
@@ -110,6 +110,8 @@ class JudgeOptions(BackendOptions):
 
 class VLMJudgeScorer(Scorer):
     name = "judge"
+    # The judgement's scores, and `answered` (1: a usable answer, 0: routed but unusable).
+    scores = (*SCORE_KEYS.values(), "leakage", "overall", "answered")
     Options = JudgeOptions
 
     def setup(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+
+from styledistill.backends import import_object
 from styledistill.vlm.base import (
     ChatRequest,
     ChatResult,
@@ -22,13 +24,14 @@ __all__ = [
 ]
 
 
+# The chat backends by the options' `backend:` name; imported lazily (torch only for `transformers`).
+CLIENTS = {
+    "transformers": "styledistill.vlm.transformers_backend:TransformersVLM",
+    "openai": "styledistill.vlm.openai_backend:OpenAIChatVLM",
+}
+
+
 def build_client(
     options: TransformersVLMOptions | OpenAIVLMOptions, device: str = "cpu", threads: int = 1
 ) -> VLMClient:
-    if isinstance(options, TransformersVLMOptions):
-        from styledistill.vlm.transformers_backend import TransformersVLM
-
-        return TransformersVLM(options, device=device, threads=threads)
-    from styledistill.vlm.openai_backend import OpenAIChatVLM
-
-    return OpenAIChatVLM(options)
+    return import_object(CLIENTS[options.backend])(options, device=device, threads=threads)

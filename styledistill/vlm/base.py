@@ -17,7 +17,7 @@ from typing import Annotated, Literal, Union
 import numpy as np
 from pydantic import Field, field_validator
 
-from styledistill.generation.base import BackendOptions
+from styledistill.backends import BackendOptions
 
 
 @dataclass(frozen=True)

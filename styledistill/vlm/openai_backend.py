@@ -58,7 +58,8 @@ class _EndpointDown:
 
 
 class OpenAIChatVLM(VLMClient):
-    def __init__(self, options: OpenAIVLMOptions):
+    def __init__(self, options: OpenAIVLMOptions, device: str = "cpu", threads: int = 1):
+        # device and threads: the endpoint's concern, not this client's; accepted so every client is built alike
         self.options = options
         self.url = options.base_url.rstrip("/") + "/chat/completions"
         self.headers = {"Content-Type": "application/json"}

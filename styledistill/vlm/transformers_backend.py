@@ -12,7 +12,7 @@ import transformers
 from PIL import Image
 from transformers import AutoProcessor, BatchFeature, Qwen2_5_VLForConditionalGeneration
 
-from styledistill.weights import TORCH_DTYPES, model_dir_revision
+from styledistill.io.weights import TORCH_DTYPES, model_dir_revision
 from styledistill.vlm.base import ChatRequest, ChatResult, TransformersVLMOptions, VLMClient
 
 

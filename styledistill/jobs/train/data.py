@@ -34,7 +34,7 @@ from PIL import Image
 
 from styledistill.generation.enhancer import enhanced_instruction
 from styledistill.jobs.train.config import DataConfig
-from styledistill.pipeline import uris
+from styledistill.io import uris
 from styledistill.schemas.manifest import (
     ACCEPTED,
     CONTENT_MEMBER,

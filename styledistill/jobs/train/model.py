@@ -22,7 +22,7 @@ from PIL import Image
 
 from styledistill.jobs.train import flow
 from styledistill.jobs.train.config import LoraConfig, ModelConfig
-from styledistill.weights import TORCH_DTYPES
+from styledistill.io.weights import TORCH_DTYPES
 
 
 def load_pipeline(cfg: ModelConfig, device: torch.device) -> QwenImageEditPlusPipeline:

@@ -19,7 +19,7 @@ import skimage.data
 from PIL import Image
 
 from styledistill.pipeline.images import encode_image
-from styledistill.pipeline.uris import write_bytes_atomic, write_text_atomic
+from styledistill.io.uris import write_bytes_atomic, write_text_atomic
 
 DONE_FILE = "sample.json"
 PHOTO_EDGE = 512

@@ -64,7 +64,7 @@ def build_photo_pool(sample_dir: Path, out_dir: Path, count: int) -> Path:
 
 
 def _child_command(mode: str, photos_dir: Path, styles_dir: Path, photos: int, out: Path) -> list[str]:
-    return [sys.executable, "-m", "styledistill.bench", mode, str(photos_dir), str(styles_dir), str(photos), str(out)]
+    return [sys.executable, "-m", "styledistill.tools.bench", mode, str(photos_dir), str(styles_dir), str(photos), str(out)]
 
 
 def measure(mode: str, photos_dir: Path, styles_dir: Path, photos: int, out: Path) -> Measurement:
@@ -89,7 +89,7 @@ def measure(mode: str, photos_dir: Path, styles_dir: Path, photos: int, out: Pat
 
 
 def run_benchmark(n: int, workdir: Path, scale: int, console: Console) -> list[Measurement]:
-    from styledistill.pipeline.sample_data import build_sample_data
+    from styledistill.tools.sample_data import build_sample_data
 
     sample_dir = workdir / "sample-data"
     build_sample_data(sample_dir, with_bad_files=False)

@@ -17,7 +17,7 @@ import torch
 from huggingface_hub import constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-from styledistill.pipeline.staging import staged
+from styledistill.io.staging import staged
 
 DType = Literal["float32", "float16", "bfloat16"]
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
