@@ -16,6 +16,7 @@ from styledistill.report import write_report
 from styledistill.report.html import render_report
 from styledistill.report.summary import build_summary, error_kind, reason_group, rule_thresholds
 from styledistill.schemas.config import FilterConfig, OutputConfig, Rule, RunConfig, SourcePool
+from styledistill.filters.decide import BAND, DUPLICATE, FAILURE, MISSING, Reason
 from styledistill.schemas.manifest import MANIFEST_COLUMNS, shard_name, stats_name
 
 PREFIX = "sd"
@@ -24,28 +25,35 @@ PIXEL = "score.noop.pixel_diff"
 SCORES = (EFFNET, PIXEL)
 
 
+def _low(score: str, threshold: float, value: float, parent: str | None = None) -> Reason:
+    text = f"{score} < {threshold:g}"
+    return Reason(BAND, f"parent {parent}: {text}" if parent else text, "rules.0", score, "min", threshold, value,
+                  inherited_from=parent)
+
+
 def _row(key, recipe, status, reasons=(), error=None, **scores):
     by_column = {EFFNET: scores.get("effnet"), PIXEL: scores.get("pixel")}
-    return {"key": key, "recipe": recipe, "status": status, "reasons": list(reasons), "error": error, **by_column}
+    reasons = [Reason(FAILURE, error)] if error else list(reasons)
+    return {"key": key, "recipe": recipe, "status": status, "reasons": [r.text for r in reasons],
+            "reason_details": [r.as_row() for r in reasons], "error": error, **by_column}
 
 
 SHARD_ROWS = [
     [
         _row("k0", "rns", "accepted", effnet=0.8, pixel=0.10),
-        _row("k1", "rns", "rejected", ["effnet.content_cos < 0.5"], effnet=0.4, pixel=0.10),
-        _row("k2", "sns", "rejected", ["effnet.content_cos < 0.3", "noop.pixel_diff < 0.04"],
+        _row("k1", "rns", "rejected", [_low("effnet.content_cos", 0.5, 0.4)], effnet=0.4, pixel=0.10),
+        _row("k2", "sns", "rejected", [_low("effnet.content_cos", 0.3, 0.2), _low("noop.pixel_diff", 0.04, 0.01)],
              effnet=0.2, pixel=0.01),
-        _row("k3", "sns", "rejected", ["parent r0: noop.pixel_diff < 0.04"], effnet=0.6, pixel=0.2),
-        _row("k4", "snr", "failed", ["generate r1: CUDA out of memory at /tmp/x/gen.py:12"],
-             error="generate r1: CUDA out of memory at /tmp/x/gen.py:12"),
+        _row("k3", "sns", "rejected", [_low("noop.pixel_diff", 0.04, 0.02, parent="r0")], effnet=0.6, pixel=0.2),
+        _row("k4", "snr", "failed", error="generate r1: CUDA out of memory at /tmp/x/gen.py:12"),
         _row("k5", "rnr", "accepted", effnet=0.9, pixel=0.3),
     ],
     [
-        _row("k6", "rns", "rejected", ["parent r1: noop.pixel_diff < 0.04", "effnet.content_cos < 0.5"],
-             effnet=0.45, pixel=0.05),
-        _row("k7", "rnr", "rejected", ["duplicate of sd-000000-k5"], effnet=0.7, pixel=0.3),
-        _row("k8", "snr", "failed", ["generate r0: CUDA out of memory at /tmp/a/gen.py:99"],
-             error="generate r0: CUDA out of memory at /tmp/a/gen.py:99"),
+        _row("k6", "rns", "rejected", [_low("noop.pixel_diff", 0.04, 0.01, parent="r1"),
+                                        _low("effnet.content_cos", 0.5, 0.45)], effnet=0.45, pixel=0.05),
+        _row("k7", "rnr", "rejected", [Reason(DUPLICATE, "duplicate of sd-000000-k5", duplicate_of="sd-000000-k5")],
+             effnet=0.7, pixel=0.3),
+        _row("k8", "snr", "failed", error="generate r0: CUDA out of memory at /tmp/a/gen.py:99"),
         _row("k9", "rns", "accepted", effnet=None, pixel=0.2),  # scorer skipped: missing
     ],
 ]
@@ -165,6 +173,8 @@ def test_reasons_grouped_by_rule_and_parent(run_dir):
     effnet = reasons[("effnet.content_cos <", False)]
     assert (effnet["count"], effnet["sole"], effnet["thresholds"]) == (3, 1, [0.3, 0.5])
     assert effnet["by_recipe"] == {"rns": 2, "sns": 1}
+    # Per recipe, the share of that recipe's samples the rule rejects: 2 of the 4 RnS, 1 of the 2 SnS.
+    assert effnet["rate_by_recipe"] == {"rns": pytest.approx(2 / 4), "sns": pytest.approx(1 / 2)}
     assert effnet["share"] == pytest.approx(3 / 5)
     inherited = reasons[("noop.pixel_diff <", True)]
     assert (inherited["count"], inherited["sole"]) == (2, 1)  # r0 and r1 parents count as one rule
@@ -244,13 +254,14 @@ def test_write_report_is_idempotent(run_dir):
 
 
 def test_reason_and_error_normalisation():
-    assert reason_group("effnet.content_cos < 0.5") == {"rule": "effnet.content_cos <", "inherited": False,
-                                                         "threshold": 0.5}
-    assert reason_group("parent r3: clip.score > 1e-1") == {"rule": "clip.score >", "inherited": True,
-                                                            "threshold": 0.1}
-    assert reason_group("parent r0: judge.style missing")["rule"] == "judge.style missing"
-    assert reason_group("duplicate of sd-000001-abc")["rule"] == "duplicate"
-    assert reason_group("something new 12") == {"rule": "something new N", "inherited": False, "threshold": None}
+    assert reason_group(_low("effnet.content_cos", 0.5, 0.1).as_row()) == {
+        "rule": "effnet.content_cos <", "inherited": False, "threshold": 0.5}
+    high = Reason(BAND, "parent r3: clip.score > 0.1", "rules.1", "clip.score", "max", 0.1, 0.7, inherited_from="r3")
+    assert reason_group(high.as_row()) == {"rule": "clip.score >", "inherited": True, "threshold": 0.1}
+    missing = Reason(MISSING, "parent r0: judge.style missing", "rules.2", "judge.style", inherited_from="r0")
+    assert reason_group(missing.as_row())["rule"] == "judge.style missing"
+    duplicate = Reason(DUPLICATE, "duplicate of sd-000001-abc", duplicate_of="sd-000001-abc")
+    assert reason_group(duplicate.as_row())["rule"] == "duplicate"
     assert error_kind("decode: cannot open '/x/y.png' (id deadbeef01)") == error_kind(
         "decode: cannot open '/z.png' (id 0123456789)")
 

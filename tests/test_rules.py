@@ -6,8 +6,17 @@ import math
 
 import pytest
 
-from styledistill.filters.rules import band, failing_rules, generation_reasons
+from styledistill.filters import decide
+from styledistill.filters.decide import band
 from styledistill.schemas.config import FilterConfig, Rule
+
+
+def failing_rules(rules, recipe, scores) -> list[str]:
+    return [r.text for r in decide.rule_reasons(rules, "rules", recipe, scores)]
+
+
+def generation_reasons(filters, scores) -> list[str]:
+    return [r.text for r in decide.generation_reasons(filters, scores)]
 
 
 def rule(**kw) -> Rule:

@@ -20,11 +20,10 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image
 
-from styledistill.filters.rules import failing_rules, generation_reasons
+from styledistill.filters.decide import decide
 from styledistill.io import uris
 from styledistill.schemas import manifest as mf
 from styledistill.schemas.config import RunConfig
-from styledistill.schemas.recipes import RECIPES
 from styledistill.schemas.records import Group, GroupWork, ShardResult, Triplet, is_result_slot
 
 THUMB_HEIGHT = 96
@@ -113,25 +112,23 @@ class ShardWriter:
             error = "; ".join(dict.fromkeys(work.errors.get(s, f"{s} unavailable") for s in missing))
         elif notes.get("scorer_errors"):
             error = "; ".join(f"scorer {k}: {v}" for k, v in notes["scorer_errors"].items())
-        if error is not None:
-            status, reasons = mf.FAILED, [error]
-        else:
-            reasons = failing_rules(self.config.filters.rules, triplet.recipe, scores)
-            if not RECIPES[triplet.recipe].is_generation_view:  # that one *is* its generation's view
-                for slot in dict.fromkeys(s for s in slots if is_result_slot(s)):
-                    parent = generation_reasons(self.config.filters, work.generation_scores.get(slot, {}))
-                    reasons += [f"parent {slot}: {r}" for r in parent]
+        duplicate_of = None
+        if error is None:
             signature = tuple(work.image_sha256[s] for s in slots)
             if self.config.filters.dedup.exact and signature in seen:
-                reasons.append(f"duplicate of {seen[signature]}")
+                duplicate_of = seen[signature]
             seen.setdefault(signature, triplet.key)
-            status = mf.REJECTED if reasons else mf.ACCEPTED
+        parents = {s: work.generation_scores.get(s, {}) for s in dict.fromkeys(slots) if is_result_slot(s)}
+        decision = decide(self.config.filters, triplet.recipe, scores, parents, duplicate_of=duplicate_of,
+                          error=error)
+        status, reasons = decision.status, decision.texts
 
         instruction = self._instruction(triplet, notes.get("prompts"))
         lineage = {role: _lineage(work, s) for role, s in zip(("content", "style", "target"), slots)}
         row = {
             "key": triplet.key, "shard": work.group.shard, "group_id": work.group.group_id,
-            "recipe": triplet.recipe, "status": status, "reasons": reasons, "error": error,
+            "recipe": triplet.recipe, "status": status, "reasons": reasons,
+            "reason_details": [r.as_row() for r in decision.reasons], "error": error,
             "instruction": instruction, "content_slot": slots[0], "style_slot": slots[1], "target_slot": slots[2],
             "content_sha256": work.image_sha256.get(slots[0]), "style_sha256": work.image_sha256.get(slots[1]),
             "target_sha256": work.image_sha256.get(slots[2]), "seed": work.group.seed,

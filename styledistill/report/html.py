@@ -337,7 +337,7 @@ TEMPLATE = (
 <table>
 <tr><th class="l">rule</th><th>samples</th><th>share of rejected</th><th>sole</th>{% for r in s.recipes %}<th>{{ r }}</th>{% endfor %}<th class="l">example</th></tr>
 {% for r in s.rejection_reasons %}
-<tr><td class="l mono">{{ reason_label(r) }}</td><td>{{ r.count|num }}</td><td>{{ r.share|pct }}</td><td>{{ r.sole|num }}</td>{% for rc in s.recipes %}<td>{{ r.by_recipe.get(rc, 0)|num }}</td>{% endfor %}<td class="l mono">{{ r.examples[0] }}</td></tr>
+<tr><td class="l mono">{{ reason_label(r) }}</td><td>{{ r.count|num }}</td><td>{{ r.share|pct }}</td><td>{{ r.sole|num }}</td>{% for rc in s.recipes %}<td>{{ r.by_recipe.get(rc, 0)|num }}{% if r.rate_by_recipe.get(rc) %} <span class="muted">({{ r.rate_by_recipe[rc]|pct }})</span>{% endif %}</td>{% endfor %}<td class="l mono">{{ r.examples[0] }}</td></tr>
 {% endfor %}
 </table>
 {% else %}<p class="muted">No rejected samples.</p>{% endif %}

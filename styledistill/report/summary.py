@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from styledistill.filters.rules import band
+from styledistill.filters.decide import Reason, band
 from styledistill.io import uris
 from styledistill.schemas.config import Rule
 from styledistill.schemas.recipes import GENERATION_RECIPE, RECIPE_NAMES, recipe_sorted
@@ -39,43 +39,18 @@ from styledistill.schemas.manifest import (
 STATUSES = (ACCEPTED, REJECTED, FAILED)
 HISTOGRAM_BINS = 30
 PERCENTILES = (5, 25, 50, 75, 95)
-MANIFEST_READ_COLUMNS = ("recipe", "status", "reasons", "error")
+MANIFEST_READ_COLUMNS = ("recipe", "status", "reasons", "reason_details", "error")
 EXAMPLES_PER_GROUP = 3
 
-_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?inf|nan"
-_PARENT = re.compile(r"^parent\s+(?P<slot>[^:\s]+)\s*:\s*(?P<rest>.+)$")
-_DUPLICATE = re.compile(r"^duplicate of\b")
-# The writer's reasons (filters/rules.py): "effnet.content_cos < 0.5", "... > 0.9", "effnet.content_cos missing"
-_BAND = re.compile(rf"^(?P<score>[A-Za-z_][\w.\-]*)\s*(?P<op><=|>=|<|>)\s*(?P<thr>{_NUMBER})$")
-_MISSING = re.compile(r"^(?P<score>[A-Za-z_][\w.\-]*) missing$")
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Grouping free-text reasons and errors
+# Grouping reasons and errors
 
 
-def reason_group(reason: str) -> dict[str, Any]:
-    """How one reason string is counted: its rule key, whether inherited from a parent generation, threshold.
-
-    "effnet.content_cos < 0.5" and "effnet.content_cos < 0.3" (a per-recipe band) are one rule;
-    "parent r0: X" and "parent r1: X" are one inherited rule; "duplicate of <key>" is one rule.
-    """
-    text = reason.strip()
-    inherited = False
-    parent = _PARENT.match(text)
-    if parent:
-        inherited, text = True, parent.group("rest").strip()
-    threshold = None
-    if _DUPLICATE.match(text):
-        rule = "duplicate"
-    elif outside := _BAND.match(text):
-        rule = f"{outside.group('score')} {outside.group('op')}"
-        threshold = float(outside.group("thr"))
-    elif missing := _MISSING.match(text):
-        rule = f"{missing.group('score')} missing"
-    else:
-        rule = error_kind(text)
-    return {"rule": rule, "inherited": inherited, "threshold": threshold}
+def reason_group(detail: dict[str, Any]) -> dict[str, Any]:
+    """How one structured reason (a manifest `reason_details` entry) is counted: one rule per (score, bound)
+    whatever its per-recipe threshold, inherited or not; "duplicate" is one rule."""
+    return {"rule": Reason(**detail).group, "inherited": detail.get("inherited_from") is not None,
+            "threshold": detail.get("threshold")}
 
 
 def error_kind(text: str) -> str:
@@ -210,10 +185,11 @@ def build_summary(run_uri: str) -> dict[str, Any]:
         score_columns = [c for c in table.column_names if c.startswith(SCORE_PREFIX)]
         recipes, statuses = _column(table, "recipe"), _column(table, "status")
         reason_lists, errors = _column(table, "reasons"), _column(table, "error")
+        details = _column(table, "reason_details")
         decisions.update(zip(recipes, statuses))
-        for recipe, status, row_reasons, error in zip(recipes, statuses, reason_lists, errors):
+        for recipe, status, row_reasons, row_details, error in zip(recipes, statuses, reason_lists, details, errors):
             if status == REJECTED:
-                _count_reasons(reasons, recipe, row_reasons or [])
+                _count_reasons(reasons, recipe, row_details or [])
             elif status == FAILED:
                 _count_failure(failures, recipe, error or "; ".join(row_reasons or []))
 
@@ -270,8 +246,8 @@ def build_summary(run_uri: str) -> dict[str, Any]:
             "tar_bytes": sum(r["tar_bytes"] or 0 for r in shard_rows),
         },
         "recipes": _recipe_table(decisions),
-        "rejection_reasons": _finish_groups(reasons, "rule", rows_by_status.get(REJECTED, 0)),
-        "failures": _finish_groups(failures, "kind", rows_by_status.get(FAILED, 0)),
+        "rejection_reasons": _finish_groups(reasons, "rule", rows_by_status.get(REJECTED, 0), decisions),
+        "failures": _finish_groups(failures, "kind", rows_by_status.get(FAILED, 0), decisions),
         "scores": _score_summaries(scores, rows_by_status, recipe_vocab, status_vocab, thresholds, decisions),
         "thresholds": thresholds,
         "stages": _stage_table(metrics, stage_seconds, stage_nodes, total),
@@ -289,12 +265,12 @@ def _rate(part: int, whole: int) -> float | None:
     return part / whole if whole else None
 
 
-def _count_reasons(groups: dict, recipe: str, row_reasons: list[str]) -> None:
+def _count_reasons(groups: dict, recipe: str, row_details: list[dict]) -> None:
     """Count each rule once per sample; `sole` counts samples this rule alone rejected."""
     seen: dict[tuple[str, bool], dict[str, Any]] = {}
-    for reason in row_reasons:
-        group = reason_group(reason)
-        seen.setdefault((group["rule"], group["inherited"]), {"raw": reason, "thresholds": set()})
+    for detail in row_details:
+        group = reason_group(detail)
+        seen.setdefault((group["rule"], group["inherited"]), {"raw": detail["text"], "thresholds": set()})
         if group["threshold"] is not None:
             seen[(group["rule"], group["inherited"])]["thresholds"].add(group["threshold"])
     for key, found in seen.items():
@@ -320,12 +296,17 @@ def _count_failure(groups: dict, recipe: str, error: str) -> None:
         entry["examples"].append(error)
 
 
-def _finish_groups(groups: dict, label: str, whole: int) -> list[dict[str, Any]]:
-    """JSON-ready groups, most frequent first, with their share of the rejected (or failed) samples."""
+def _finish_groups(groups: dict, label: str, whole: int, decisions: Counter) -> list[dict[str, Any]]:
+    """JSON-ready groups, most frequent first, with their share of the rejected (or failed) samples and, per
+    recipe, the share of that recipe's samples they hit (a rule that contradicts a recipe shows up here)."""
+    planned: Counter = Counter()
+    for (recipe, _), n in decisions.items():
+        planned[recipe] += n
     out = []
     for entry in groups.values():
         item = dict(entry)
         item["by_recipe"] = {r: entry["by_recipe"][r] for r in recipe_sorted(entry["by_recipe"])}
+        item["rate_by_recipe"] = {r: _rate(n, planned[r]) for r, n in item["by_recipe"].items()}
         item["share"] = _rate(entry["count"], whole)
         if "thresholds" in item:
             item["thresholds"] = sorted(entry["thresholds"])

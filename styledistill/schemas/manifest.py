@@ -56,6 +56,19 @@ def is_stats_name(file_name: str) -> bool:
     return file_name.endswith(STATS_SUFFIX)
 
 
+# One structured reason (filters.decide.Reason): what the report and the calibration read.
+REASON_TYPE = pa.struct([
+    ("kind", pa.string()),  # band | missing | duplicate | failure
+    ("text", pa.string()),
+    ("rule", pa.string()),  # "rules.N" or "generation_rules.N"
+    ("score", pa.string()),
+    ("bound", pa.string()),  # min | max
+    ("threshold", pa.float64()),
+    ("value", pa.float64()),
+    ("inherited_from", pa.string()),  # the parent generation slot r_i
+    ("duplicate_of", pa.string()),
+])
+
 # The fixed columns of a shard manifest; score columns ("score.<name>", float64) follow them.
 MANIFEST_COLUMNS = pa.schema(
     [
@@ -64,7 +77,8 @@ MANIFEST_COLUMNS = pa.schema(
         ("group_id", pa.string()),
         ("recipe", pa.string()),
         ("status", pa.string()),  # accepted | rejected | failed
-        ("reasons", pa.list_(pa.string())),  # every failing rule, or the failure
+        ("reasons", pa.list_(pa.string())),  # every failing rule, or the failure, as one line each
+        ("reason_details", pa.list_(REASON_TYPE)),  # the same reasons, structured (filters/decide.py)
         ("error", pa.string()),  # failed only: what went wrong, where
         ("instruction", pa.string()),
         ("content_slot", pa.string()),
