@@ -15,22 +15,22 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import QwenImageEditPlusPipeline
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
     CONDITION_IMAGE_SIZE,
     VAE_IMAGE_SIZE,
     calculate_dimensions,
-    calculate_shift,
     retrieve_timesteps,
 )
 from pydantic import BaseModel, ConfigDict, Field
 
 from styledistill.generation.base import BackendOptions, GenerationRequest, Generator
-from styledistill.generation.lora import LoadedLora, LoraSpec, load_loras
+from styledistill.generation.lora import LoadedLora, LoraLoader, LoraSpec, load_loras
+from styledistill.generation.qwen_edit import QwenEditPipeline, dtype_kwargs, make_scheduler, schedule_arguments
 from styledistill.pipeline.staging import staged
 from styledistill.weights import TORCH_DTYPES, DType, model_dir_revision
 
@@ -45,8 +45,9 @@ class EditReferences:
     vae_sizes: list[tuple[int, int]]  # (width, height) of each VAE image
 
 
-class TeleStyleEditPipeline(QwenImageEditPlusPipeline):
-    """`QwenImageEditPlusPipeline` whose reference image sizes are explicit arguments.
+class TeleStyleEditPipeline(QwenEditPipeline):
+    """`QwenImageEditPlusPipeline` whose reference image sizes are explicit arguments (and whose text
+    encoder gets its M-RoPE positions, see `qwen_edit.QwenEditPipeline`).
 
     diffusers' `__call__` resizes every reference to about 1 MP for the VAE and 384x384 for the VLM through
     module constants read inside the call. TeleStyle (V1 through DiffSynth with `edit_image_auto_resize=False`,
@@ -120,15 +121,8 @@ class TeleStyleEditPipeline(QwenImageEditPlusPipeline):
         reference_shapes = [(1, h // patch, w // patch) for w, h in references.vae_sizes]
         img_shapes = [[(1, height // patch, width // patch), *reference_shapes]]
 
-        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-        config = self.scheduler.config
-        mu = calculate_shift(
-            latents.shape[1],
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
+        # The same (sigmas, mu) as the parent; a DMD student is trained on the resulting sigmas (qwen_edit).
+        sigmas, mu = schedule_arguments(self.scheduler.config, num_inference_steps, latents.shape[1])
         timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)
         self.scheduler.set_begin_index(0)
 
@@ -186,6 +180,9 @@ class LoraOption(BaseModel):
     path: str
     name: str
     weight: float = 1.0
+    # How `.alpha` keys scale the LoRA: "diffsynth" ignores them (DiffSynth-Studio's loader, which V1 used
+    # for both its LoRAs), "diffusers" scales by alpha / rank. The same only where alpha == rank.
+    loader: LoraLoader = "diffusers"
 
 
 class TeleStyleGenerator(Generator):
@@ -203,6 +200,10 @@ class TeleStyleGenerator(Generator):
         reference_vae_at_input_size: bool = True
         # Side of the square-equivalent area the VLM sees each reference at; None: diffusers' 384.
         condition_image_size: int | None = Field(None, ge=28)
+        # Sampler config: "model" is the pipeline folder's own (Qwen-Image-Edit-2509: dynamic exponential
+        # shift, shift_terminal 0.02); "lightning" the constant shift 3 of Qwen-Image-Lightning's README.
+        # A DMD student (jobs/train) must be trained with the same choice (`student_scheduler`).
+        scheduler: Literal["model", "qwen-image-edit-2509", "lightning"] = "model"
 
     def setup(self) -> None:
         options = self.options
@@ -214,14 +215,18 @@ class TeleStyleGenerator(Generator):
             self.dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         self.model_path, self.model_revision = resolve_model(options.model)
         try:
-            pipe = TeleStyleEditPipeline.from_pretrained(self.model_path, dtype=self.dtype, local_files_only=True)
+            pipe = TeleStyleEditPipeline.from_pretrained(
+                self.model_path, local_files_only=True, **dtype_kwargs(self.dtype)
+            )
         except OSError as err:  # a partial download or a folder of another model
             raise FileNotFoundError(f"cannot load model {options.model!r} from {self.model_path}: {err}") from err
         pipe.set_progress_bar_config(disable=True)
+        if options.scheduler != "model":
+            pipe.scheduler = make_scheduler(options.scheduler)
         if not options.cpu_offload:
             pipe.to(self.device)
-        specs = [LoraSpec(path=staged(lora.path, f"LoRA {lora.name}"), name=lora.name, weight=lora.weight)
-                 for lora in options.loras]
+        specs = [LoraSpec(path=staged(lora.path, f"LoRA {lora.name}"), name=lora.name, weight=lora.weight,
+                          loader=lora.loader) for lora in options.loras]  # fmt: skip
         self.loras: list[LoadedLora] = load_loras(pipe, specs, fuse=options.fuse_loras, strict=options.strict_loras)
         if options.cpu_offload:
             pipe.enable_model_cpu_offload(device=self.device)
@@ -278,11 +283,14 @@ class TeleStyleGenerator(Generator):
             "model": options.model,
             "model_revision": self.model_revision or "local folder",
             "loras": ", ".join(
-                f"{lora.name}={lora.path.name}@sha256:{lora.sha256[:16]}*{lora.weight:g}" for lora in self.loras
+                f"{lora.name}={lora.path.name}@sha256:{lora.sha256[:16]}*{lora.weight:g}"
+                f" ({lora.loader} alpha, effective scale {lora.effective_scale:g})"
+                for lora in self.loras
             )
             or "none",
             "fuse_loras": str(options.fuse_loras),
             "steps": str(options.steps),
+            "scheduler": options.scheduler,
             "true_cfg_scale": f"{options.true_cfg_scale:g}",
             "reference_vae_at_input_size": str(options.reference_vae_at_input_size),
             "condition_area": str(self.condition_area),
