@@ -18,6 +18,7 @@ for the adapter and compare them with the modules the file targets.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from typing import Literal
 
 import torch
 from peft.tuners.lora import LoraLayer
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from styledistill.weights import sha256_files
@@ -82,8 +84,25 @@ def to_diffusers_lora(
     return converted
 
 
-def _convert(state_dict, source: str, loader: LoraLoader) -> tuple[dict[str, torch.Tensor], set[float]]:
-    """(diffusers state dict, the distinct alpha / rank ratios of the file's modules with an alpha)."""
+def metadata_alpha_ratio(path: Path) -> float | None:
+    """alpha / rank from the peft adapter config diffusers' `save_lora_weights` stores in the file's header
+    (its files carry no `.alpha` keys); None when the file has none."""
+    with safe_open(str(path), "pt") as f:
+        raw = (f.metadata() or {}).get("lora_adapter_metadata")
+    if not raw:
+        return None
+    config = {key.removeprefix("transformer."): value for key, value in json.loads(raw).items()}
+    if config.get("alpha_pattern") or config.get("rank_pattern"):
+        raise LoraLoadError(f"LoRA {path}: per-module alpha_pattern / rank_pattern are not supported")
+    alpha, rank = config.get("lora_alpha"), config.get("r")
+    return alpha / rank if alpha and rank else None
+
+
+def _convert(
+    state_dict, source: str, loader: LoraLoader, default_ratio: float | None = None
+) -> tuple[dict[str, torch.Tensor], set[float]]:
+    """(diffusers state dict, the distinct alpha / rank ratios of the file's modules); `default_ratio`
+    applies to modules without an `.alpha` key."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
         if key.startswith("lora_unet_"):  # flattened names are ambiguous (underscores inside module names)
@@ -108,8 +127,8 @@ def _convert(state_dict, source: str, loader: LoraLoader) -> tuple[dict[str, tor
         rank = down.shape[0]
         if up.shape[1] != rank:
             raise LoraLoadError(f"LoRA {source}: {module!r} has lora_A rank {rank} but lora_B {tuple(up.shape)}")
-        if "alpha" in tensors:
-            ratio = tensors["alpha"].item() / rank
+        ratio = tensors["alpha"].item() / rank if "alpha" in tensors else default_ratio
+        if ratio is not None:
             ratios.add(ratio)
             if loader == "diffusers":
                 down = (down.float() * ratio).to(down.dtype)
@@ -149,7 +168,7 @@ def load_lora(pipe, spec: LoraSpec, strict: bool = True) -> LoadedLora:
         raw = load_file(str(path))
     except Exception as err:  # safetensors raises its own error types for truncated or foreign files
         raise LoraLoadError(f"LoRA {path}: not a readable safetensors file ({err})") from err
-    state_dict, ratios = _convert(raw, str(path), spec.loader)
+    state_dict, ratios = _convert(raw, str(path), spec.loader, metadata_alpha_ratio(path))
     scale = spec.weight * (max(ratios, default=1.0) if spec.loader == "diffusers" else 1.0)
     if any(r != 1.0 for r in ratios):
         other = "diffsynth" if spec.loader == "diffusers" else "diffusers"

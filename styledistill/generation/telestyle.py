@@ -165,12 +165,15 @@ class TeleStyleEditPipeline(QwenEditPipeline):
         )[0]
 
 
-def resolve_model(model: str) -> tuple[Path, str | None]:
+def resolve_model(model: str, what: str = "TeleStyle model") -> tuple[Path, str | None]:
     """`weights.model_dir_revision` (a local folder, a remote URL of one, or a hub id in the local cache),
     checked to be a diffusers pipeline folder: (folder, cache revision)."""
-    path, revision = model_dir_revision(model, "TeleStyle model")
+    path, revision = model_dir_revision(model, what)
     if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+        raise FileNotFoundError(
+            f"{what}: {path} is not a diffusers pipeline folder (no model_index.json); give the folder of "
+            "`QwenImageEditPlusPipeline.save_pretrained` or a hub id already in the local cache"
+        )
     return path, revision
 
 
