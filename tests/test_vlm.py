@@ -21,7 +21,13 @@ from styledistill.generation.enhancer import (
     clean_answer,
     enhanced_instruction,
 )
-from styledistill.scoring.vlm_judge import JUDGE_PROMPT, JudgeParseError, VLMJudgeScorer, parse_judgement
+from styledistill.scoring.vlm_judge import (
+    JUDGE_PROMPT,
+    JUDGE_PROMPTS,
+    JudgeParseError,
+    VLMJudgeScorer,
+    parse_judgement,
+)
 from styledistill.vlm import ChatRequest, OpenAIVLMOptions, TransformersVLMOptions, build_client
 from fake_openai import ScriptedServer, always, decode_data_url, endpoint, first_pixel
 from tiny_vlm import save_tiny_qwen_vl
@@ -170,6 +176,27 @@ def test_endpoint_gets_three_images_in_order_as_data_urls_greedy():
     assert result.scores == {"style": 7.0, "content": 4.0, "quality": 9.0, "leakage": 0.0, "overall": 6.0,
                              "answered": 1.0}
     assert result.notes == {}
+
+
+def test_judge_asks_each_recipe_its_own_question():
+    """SnR/RnR targets are photos with image 1's content; asking for image 2's 'artistic style' is wrong."""
+    recipes = ["rns", "sns", "snr", "rnr", None]  # None: a generation view (RnS)
+    views, images = [], {}
+    for tag, recipe in enumerate(recipes):
+        [view], view_images = one_view(tag)
+        views.append({**view, "recipe": recipe} if recipe else view)
+        images.update(view_images)
+    with ScriptedServer(always(VALID)) as server:
+        judge(endpoint(server)).score_views(views, images, [{} for _ in views])
+    asked = {}
+    for body in server.requests:
+        text = body["messages"][0]["content"][3]["text"]
+        tag = int(decode_data_url(body["messages"][0]["content"][0]["image_url"]["url"])[0, 0, 0]) - 10
+        asked[recipes[tag]] = text
+    assert asked["rns"] == asked["sns"] == asked[None] == JUDGE_PROMPT
+    assert asked["snr"] == asked["rnr"] == JUDGE_PROMPTS["snr"] != JUDGE_PROMPT
+    assert "painted in the artistic style of Image 2" in asked["rns"]
+    assert "natural, realistic photograph" in asked["snr"] and "painted" not in asked["snr"]
 
 
 @pytest.mark.parametrize(
