@@ -126,3 +126,23 @@ def text_encoder_inputs(text_encoder, inputs) -> dict:
     ).parameters:
         kwargs["mm_token_type_ids"] = inputs["mm_token_type_ids"]
     return kwargs
+
+
+def mrope_check(pipe, images, prompt: str) -> tuple[bool, str]:
+    """Encode one image+text prompt and report whether Qwen2.5-VL received 3-D M-RoPE positions (the GPU
+    scripts print it; with 1-D positions every generation and training step is conditioned wrongly)."""
+    seen = []
+    language_model = pipe.text_encoder.model.language_model
+    hook = language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("position_ids")), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            pipe.encode_prompt(prompt, image=images, device=pipe._execution_device)
+    finally:
+        hook.remove()
+    positions = seen[0] if seen else None
+    # Without mm_token_type_ids the model computes no positions (None) and falls back to 1-D ones.
+    if positions is None or positions.dim() != 3 or positions.shape[0] < 3:
+        return False, "M-RoPE: FAIL, the text encoder got no 3-D positions (1-D fallback, diffusers issue #14194)"
+    return True, f"M-RoPE: ok, 3-D positions {tuple(positions.shape)} for {len(images)} images"
