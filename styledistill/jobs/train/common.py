@@ -143,10 +143,12 @@ class Trainer:
     LORA_DIR = "lora"
 
     def __init__(self, cfg: TrainCommon):
+        from styledistill.generation.telestyle import resolve_model
         from styledistill.jobs.train.data import TripletLoader
         from styledistill.jobs.train.model import EditConditioner, load_pipeline
 
         self.cfg = cfg
+        resolve_model(cfg.model.path, "model.path")  # missing weights: fail before any process-wide setup
         self.acc = make_accelerator(cfg)
         self.pipe = load_pipeline(cfg.model, self.acc.device)
         self.setup()
