@@ -83,4 +83,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    try:
+        main()
+    except FileNotFoundError as err:  # missing weights: one line naming the path, as `styledistill run`
+        sys.exit(f"error: {err}")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from styledistill.generation.qwen_edit import mrope_check
 from styledistill.jobs.train.config import DMDConfig, SFTConfig
 from styledistill.jobs.train.dmd import DMDTrainer
 from styledistill.jobs.train.sft import SFTTrainer
@@ -39,6 +40,13 @@ def _timed_steps(trainer, steps: int) -> tuple[float, float]:
     return (time.perf_counter() - start) / steps, peak
 
 
+def _pil(image: torch.Tensor):
+    from PIL import Image
+
+    array = ((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(array).resize((224, 224))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="QwenImageEditPlusPipeline folder")
@@ -51,7 +59,8 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="gpu_check_train_"))
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from tiny_train_models import build_tiny_pipeline, write_run  # test fixtures double as a smoke setup
+    from tiny_qwen import build_tiny_pipeline  # test fixtures double as a smoke setup
+    from tiny_train_models import write_run
 
     if args.tiny:
         model, dtype, precision, area = str(build_tiny_pipeline(work / "pipe")), "float32", "no", 64 * 64
@@ -70,6 +79,9 @@ def main() -> None:
 
     sft = SFTTrainer(SFTConfig.model_validate({**common, "output_dir": str(work / "sft"),
                                                "lora": {"rank": args.rank, "alpha": args.rank}}))  # fmt: skip
+    batch = next(iter(sft.loader))
+    refs = [_pil(batch["content"]), _pil(batch["style"])]
+    print(mrope_check(sft.pipe, refs, batch["instruction"])[1])
     s_per_step, peak = _timed_steps(sft, args.steps)
     print(f"SFT: {s_per_step:.2f} s/step, peak {peak:.1f} GiB")
     del sft
@@ -85,4 +97,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from styledistill.generation.lora import LoraLoadError
+
+    try:
+        main()
+    except (FileNotFoundError, LoraLoadError) as err:  # missing weights: one line naming the path
+        sys.exit(f"error: {err}")

@@ -1,10 +1,10 @@
 import itertools
 import logging
 
-from tiny_train_models import write_run
+from tiny_train_models import INSTRUCTION, write_run
 
 from styledistill.jobs.train.config import DataConfig
-from styledistill.jobs.train.data import TripletLoader, fit_to_area, instruction_text
+from styledistill.jobs.train.data import TripletLoader, fit_to_area
 
 
 def _take(loader, n):
@@ -17,18 +17,9 @@ def test_fit_to_area_keeps_aspect_and_multiples():
     assert (w, h) == (1024, 1024)
 
 
-def test_instruction_appends_enhanced_prompts_once():
-    meta = {"prompts": {"content_prompt": "cat, hat", "style_prompt": "thick oil strokes", "error": None}}
-    assert instruction_text("Do it.", meta, True) == "Do it.,cat, hat,thick oil strokes"  # the writer's join
-    assert instruction_text("Do it.", meta, False) == "Do it."
-    assert instruction_text("Do it.", {"prompts": None}, True) == "Do it."
-    assert instruction_text("Do it.,cat, hat", meta, True) == "Do it.,cat, hat,thick oil strokes"
-    assert instruction_text("Do it.", {"prompts": {"content": "cat", "style": None}}, True) == "Do it.,cat"
-
-
 def test_keys_shapes_and_only_accepted(tmp_path):
     run = write_run(tmp_path / "run", shards=2, per_shard=3, rejected_every=3, size=(64, 48))
-    loader = TripletLoader(DataConfig(run=str(run), area=64 * 48, shuffle_buffer=2, append_enhanced_prompts=True))
+    loader = TripletLoader(DataConfig(run=str(run), area=64 * 48, shuffle_buffer=2))
     items = _take(loader, 8)  # two epochs of the 4 accepted samples
     keys = {it["key"] for it in items}
     assert keys == {"s0k1", "s0k2", "s1k1", "s1k2"}  # s0k0, s1k0 are "rejected"
@@ -37,7 +28,8 @@ def test_keys_shapes_and_only_accepted(tmp_path):
     assert item["target"].shape == item["content"].shape == (3, 48, 64)
     assert item["style"].shape == (3, 48, 48)
     assert -1.0 <= float(item["target"].min()) and float(item["target"].max()) <= 1.0
-    assert item["instruction"].endswith(",cat,oil paint") and item["recipe"] == "rns"
+    # The stored .txt is the writer's final instruction (enhancer words already appended): used as is.
+    assert item["instruction"] == INSTRUCTION and item["recipe"] == "rns"
 
 
 def test_ranks_read_disjoint_shards(tmp_path, monkeypatch):

@@ -21,7 +21,13 @@ from styledistill.generation.enhancer import (
     clean_answer,
     enhanced_instruction,
 )
-from styledistill.scoring.vlm_judge import JUDGE_PROMPT, JudgeParseError, VLMJudgeScorer, parse_judgement
+from styledistill.scoring.vlm_judge import (
+    JUDGE_PROMPT,
+    JUDGE_PROMPTS,
+    JudgeParseError,
+    VLMJudgeScorer,
+    parse_judgement,
+)
 from styledistill.vlm import ChatRequest, OpenAIVLMOptions, TransformersVLMOptions, build_client
 from fake_openai import ScriptedServer, always, decode_data_url, endpoint, first_pixel
 from tiny_vlm import save_tiny_qwen_vl
@@ -170,6 +176,27 @@ def test_endpoint_gets_three_images_in_order_as_data_urls_greedy():
     assert result.scores == {"style": 7.0, "content": 4.0, "quality": 9.0, "leakage": 0.0, "overall": 6.0,
                              "answered": 1.0}
     assert result.notes == {}
+
+
+def test_judge_asks_each_recipe_its_own_question():
+    """SnR/RnR targets are photos with image 1's content; asking for image 2's 'artistic style' is wrong."""
+    recipes = ["rns", "sns", "snr", "rnr", None]  # None: a generation view (RnS)
+    views, images = [], {}
+    for tag, recipe in enumerate(recipes):
+        [view], view_images = one_view(tag)
+        views.append({**view, "recipe": recipe} if recipe else view)
+        images.update(view_images)
+    with ScriptedServer(always(VALID)) as server:
+        judge(endpoint(server)).score_views(views, images, [{} for _ in views])
+    asked = {}
+    for body in server.requests:
+        text = body["messages"][0]["content"][3]["text"]
+        tag = int(decode_data_url(body["messages"][0]["content"][0]["image_url"]["url"])[0, 0, 0]) - 10
+        asked[recipes[tag]] = text
+    assert asked["rns"] == asked["sns"] == asked[None] == JUDGE_PROMPT
+    assert asked["snr"] == asked["rnr"] == JUDGE_PROMPTS["snr"] != JUDGE_PROMPT
+    assert "painted in the artistic style of Image 2" in asked["rns"]
+    assert "natural, realistic photograph" in asked["snr"] and "painted" not in asked["snr"]
 
 
 @pytest.mark.parametrize(
@@ -337,9 +364,9 @@ def test_routing_sends_only_the_band_to_the_judge():
     "answer, items",
     [
         ("cat, dog", ["cat", "dog"]),
-        ('Answer: "Cat, Dog."', ["cat", "dog"]),
-        ("1. Woman\n2. Bicycle", ["woman", "bicycle"]),
-        ("- Oil painting\n- thick impasto strokes!", ["oil painting", "thick impasto strokes"]),
+        ('Answer: "Cat, Dog."', ["Cat", "Dog"]),  # V2 appends the raw answer: case kept
+        ("1. Woman\n2. Bicycle", ["Woman", "Bicycle"]),
+        ("- Oil painting\n- thick impasto strokes", ["Oil painting", "thick impasto strokes"]),
         ("Style: watercolor; hand-drawn", ["watercolor", "hand-drawn"]),
         ("   ", []),
     ],
@@ -348,15 +375,19 @@ def test_clean_answer(answer, items):
     assert clean_answer(answer) == items
 
 
-def test_checked_prompt_enforces_the_word_limits():
-    assert checked_prompt("Cat, Dog.", 2) == ("cat, dog", None)
-    prompt, why = checked_prompt("a cat, a dog", 2)
-    assert prompt is None and "4 words, more than 2" in why
-    assert checked_prompt("Oil, thick brush strokes.", 5) == ("oil, thick brush strokes", None)
-    prompt, why = checked_prompt("watercolor, soft pastel colors, loose brush strokes", 5)
-    assert prompt is None and "7 words, more than 5" in why
-    prompt, why = checked_prompt('"..."', 5)
-    assert prompt is None and why.startswith("empty answer")
+def test_checked_prompt_bounds_items_and_characters_not_words():
+    # A good style answer of 6 words, 3 items, 57 characters: kept as V2 would append it.
+    good = "impressionist oil painting, thick brushstrokes, warm light"
+    assert checked_prompt(good, 5, 100) == (good, None)
+    assert checked_prompt("Cat, Dog.", 2, 40) == ("Cat, Dog", None)
+    prompt, why = checked_prompt("cat, dog, hat", 2, 40)
+    assert prompt is None and why.startswith("too_many_items")
+    prompt, why = checked_prompt("a small cat sitting on a sofa", 2, 40, max_item_words=3)
+    assert prompt is None and why.startswith("sentence")
+    prompt, why = checked_prompt("x" * 120, 5, 100)
+    assert prompt is None and why.startswith("too_long")
+    prompt, why = checked_prompt('"..."', 5, 100)
+    assert prompt is None and why.startswith("empty")
 
 
 def test_enhanced_instruction_appends_words_like_v2():
@@ -383,10 +414,11 @@ def test_enhancer_describes_each_reference_with_v2_instructions():
         results = enhancer.describe([solid(1), solid(2)], [solid(101), solid(102)])
     assert all(len(b["messages"][0]["content"]) == 2 for b in server.requests)  # one image, one text
     assert all(b["max_tokens"] == 64 and b["temperature"] == 0 for b in server.requests)
-    expected = {"content_prompt": "cat, dog", "style_prompt": "oil painting, thick strokes", "error": None}
+    expected = {"content_prompt": "Cat, Dog", "style_prompt": "oil painting, thick strokes", "error": None,
+                "dropped": {}}  # fmt: skip
     assert results[0] == expected
     assert results[1]["content_prompt"] is None and results[1]["style_prompt"] == "watercolor"
-    assert results[1]["error"].startswith("content: 6 words, more than 2")
+    assert results[1]["error"].startswith("content: sentence") and results[1]["dropped"] == {"content": "sentence"}
 
 
 def test_enhancer_reports_endpoint_failures_per_pair():
@@ -396,4 +428,5 @@ def test_enhancer_reports_endpoint_failures_per_pair():
         [result] = enhancer.describe([solid(1)], [solid(2)])
     assert result["content_prompt"] is None and result["style_prompt"] is None
     assert "content: " in result["error"] and "HTTP 500" in result["error"]
-    assert "style: not sent: endpoint down" in result["error"]
+    assert "style: endpoint_error: not sent: endpoint down" in result["error"]
+    assert result["dropped"] == {"content": "endpoint_error", "style": "endpoint_error"}

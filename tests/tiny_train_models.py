@@ -16,6 +16,10 @@ from PIL import Image
 from styledistill.schemas import manifest as mf
 
 
+# What the writer stores in `.txt` when the run appends enhanced prompts: the final instruction.
+INSTRUCTION = "Style Transfer the style of Figure 2 to Figure 1.,cat,oil paint"
+
+
 def _png(rng: np.random.Generator, width: int, height: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(buf, format="PNG")
@@ -48,7 +52,7 @@ def write_run(run_dir: str | Path, shards: int = 2, per_shard: int = 3, rejected
                     f"{mf.CONTENT_MEMBER}.png": _png(rng, *size),
                     f"{mf.STYLE_MEMBER}.png": _png(rng, size[1], size[1]),
                     f"{mf.TARGET_MEMBER}.png": b"not a png" if key in corrupt_keys else _png(rng, *size),
-                    mf.TEXT_MEMBER: "Style Transfer the style of Figure 2 to Figure 1.",
+                    mf.TEXT_MEMBER: INSTRUCTION,
                     mf.META_MEMBER: json.dumps(meta),
                 })  # fmt: skip
         sizes[path.name] = per_shard

@@ -3,13 +3,16 @@ reference's style in a few words, which are appended to the edit instruction.
 
 The two instructions are V2's, verbatim as in its released demo (Tele-AI/TeleStyleV2,
 gradio_telestylev2_QIE2509_dmd_diffusers.py; the double space is theirs): the content image and the style
-image are each described in their own request, as V2 does. V2 decodes with max_new_tokens 1024 and uses the
-raw answer; here answers are cleaned (quotes, punctuation, "Answer:"-style labels, list markers removed;
-lower case; items joined by ", ") and checked against the instruction's own limit: content strictly fewer
-than 3 words, style at most 5. An answer over the limit is rejected (prompt None, `error` says why) rather
-than cut, because the first words of a long answer are not a summary of it and a rambling answer often
-names objects; the pair then keeps the plain instruction. A token cap far below 1024 therefore loses
-nothing: an answer that long would be rejected anyway.
+image are each described in their own request, as V2 does. V2 decodes with max_new_tokens 1024 and appends
+its raw answer. Here the answer is kept as V2 would append it, only tidied (surrounding quotes, an
+"Answer:"-style label, list markers and a final full stop removed, whitespace collapsed, items joined by
+", "), and bounded in items and characters rather than counted in words: a good style answer such as
+"impressionist oil painting, thick brushstrokes, warm light" has 6 words but 3 items and 57 characters.
+An answer over a bound is dropped (prompt None) rather than cut, because the first part of a rambling answer
+is not a summary of it; the pair then keeps the plain instruction. Each dropped answer is recorded with a
+reason code in the entry's `dropped` (`empty`, `too_many_items`, `sentence`, `too_long`,
+`endpoint_error`), which the
+writer stores in every sample's manifest `notes` (under `prompts`) and metadata.
 """
 
 from __future__ import annotations
@@ -35,38 +38,52 @@ STYLE_INSTRUCTION = (
 _LABEL = re.compile(r"^\s*(?:answer|content|style|main objects|objects|words)\s*:\s*", re.IGNORECASE)
 _ITEM_SPLIT = re.compile(r"[,;\n]")
 _LIST_MARKER = re.compile(r"^(?:\d+[.)]|[-*•])\s*")
-_NOT_WORD = re.compile(r"[^\w\s'-]")
+_EDGE = " \t\"'`*.。"
 
 
 class EnhancerOptions(BackendOptions):
     vlm: VLMOptions
     max_new_tokens: int = Field(64, ge=8)
-    content_max_words: int = Field(2, ge=1)  # "strictly fewer than 3"
-    style_max_words: int = Field(5, ge=1)  # "in 5 words"
+    # Bounds on the tidied answer: items (comma-separated parts) and characters. Content: "fewer than 3"
+    # objects; style: "5 words" that VLMs give as a few short phrases.
+    # An item of more words is a sentence, not a name or a style term ("a small cat on a sofa").
+    content_max_items: int = Field(2, ge=1)
+    content_max_item_words: int = Field(3, ge=1)
+    content_max_chars: int = Field(40, ge=1)
+    style_max_items: int = Field(5, ge=1)
+    style_max_item_words: int = Field(4, ge=1)
+    style_max_chars: int = Field(100, ge=1)
 
 
 def clean_answer(text: str) -> list[str]:
-    """The answer as lower-case items ("oil painting", "thick strokes"), without labels and punctuation."""
-    text = _LABEL.sub("", text.strip())
+    """The answer's items as V2 would append them ("Oil painting", "thick strokes"): label, list markers,
+    quotes and final full stops removed, whitespace collapsed; case and wording kept."""
+    text = _LABEL.sub("", text.strip().strip(_EDGE))
     items = []
     for part in _ITEM_SPLIT.split(text):
-        part = _LIST_MARKER.sub("", part.strip())
-        part = _NOT_WORD.sub(" ", part).strip(" '-").lower()
-        words = part.split()
-        if words:
-            items.append(" ".join(words))
+        part = " ".join(_LIST_MARKER.sub("", part.strip()).split()).strip(_EDGE)
+        if part:
+            items.append(part)
     return items
 
 
-def checked_prompt(text: str, max_words: int) -> tuple[str | None, str | None]:
-    """(prompt, None) when the cleaned answer has 1..max_words words, else (None, why)."""
+def checked_prompt(
+    text: str, max_items: int, max_chars: int, max_item_words: int = 4
+) -> tuple[str | None, str | None]:
+    """(prompt, None) when the tidied answer has 1..max_items items of at most max_item_words words and
+    at most max_chars characters in all, else (None, "<reason code>: detail")."""
     items = clean_answer(text)
-    count = sum(len(item.split()) for item in items)
-    if count == 0:
-        return None, f"empty answer: {text[:200]!r}"
-    if count > max_words:
-        return None, f"{count} words, more than {max_words}: {text[:200]!r}"
-    return ", ".join(items), None
+    prompt = ", ".join(items)
+    if not items:
+        return None, f"empty: {text[:200]!r}"
+    if len(items) > max_items:
+        return None, f"too_many_items: {len(items)} > {max_items}: {text[:200]!r}"
+    longest = max(len(item.split()) for item in items)
+    if longest > max_item_words:
+        return None, f"sentence: an item of {longest} words > {max_item_words}: {text[:200]!r}"
+    if len(prompt) > max_chars:
+        return None, f"too_long: {len(prompt)} > {max_chars} characters: {text[:200]!r}"
+    return prompt, None
 
 
 def enhanced_instruction(base: str, content_prompt: str | None, style_prompt: str | None) -> str:
@@ -103,20 +120,25 @@ class PromptEnhancer(Backend):
                 slots[kind] = request_of[key]
             asked.append(slots)
         answers = self.client.chat(requests)
-        limits = {"content": self.options.content_max_words, "style": self.options.style_max_words}
+        o = self.options
+        limits = {
+            "content": (o.content_max_items, o.content_max_chars, o.content_max_item_words),
+            "style": (o.style_max_items, o.style_max_chars, o.style_max_item_words),
+        }
         out = []
         for slots in asked:
-            entry: dict[str, str | None] = {"content_prompt": None, "style_prompt": None, "error": None}
+            entry: dict = {"content_prompt": None, "style_prompt": None, "error": None, "dropped": {}}
             errors = []
             for kind in ("content", "style"):
                 answer = answers[slots[kind]]
                 if answer.error:
-                    prompt, why = None, answer.error
+                    prompt, why = None, f"endpoint_error: {answer.error}"
                 else:
-                    prompt, why = checked_prompt(answer.text, limits[kind])
+                    prompt, why = checked_prompt(answer.text, *limits[kind])
                 entry[f"{kind}_prompt"] = prompt
                 if why:
                     errors.append(f"{kind}: {why}")
+                    entry["dropped"][kind] = why.split(":", 1)[0]
             entry["error"] = "; ".join(errors) or None
             out.append(entry)
         return out

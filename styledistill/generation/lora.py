@@ -6,6 +6,11 @@ Key formats accepted and converted here, explicitly, to the diffusers/peft forma
 - `lora_down`/`lora_up` names with an optional `diffusion_model.` prefix (as in Qwen-Image-Lightning files);
 each optionally with `<module>.alpha`. Flattened kohya names (`lora_unet_...`) are refused.
 
+`.alpha` follows the convention of the framework the file was made for (`loader`): diffusers/peft scale a
+LoRA by alpha / rank; DiffSynth-Studio's `GeneralLoRALoader` (how TeleStyle V1 loaded both its LoRAs) fuses
+`up @ down` at scale 1 and ignores alpha. The two agree only where alpha == rank; the effective scale is
+logged and recorded.
+
 diffusers and peft only log a warning when keys match no module (another prefix, another architecture),
 and then the pipeline silently runs the base model. So after loading we count the LoRA layers peft created
 for the adapter and compare them with the modules the file targets.
@@ -13,15 +18,23 @@ for the adapter and compare them with the modules the file targets.
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from peft.tuners.lora import LoraLayer
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from styledistill.io.weights import sha256_files
+
+logger = logging.getLogger(__name__)
+
+LoraLoader = Literal["diffusers", "diffsynth"]
 
 # Optional prefix, module path, the LoRA matrix, then DiffSynth's peft adapter segment `.default` if present.
 _PREFIX = r"^(?:transformer\.|diffusion_model\.)?"
@@ -43,6 +56,7 @@ class LoraSpec:
     path: str
     name: str
     weight: float = 1.0
+    loader: LoraLoader = "diffusers"  # whose `.alpha` convention applies
 
 
 @dataclass(frozen=True)
@@ -53,14 +67,42 @@ class LoadedLora:
     sha256: str
     target_modules: int  # distinct modules the file targets
     lora_layers: int  # LoRA layers peft created on the transformer for this adapter
+    loader: LoraLoader = "diffusers"
+    effective_scale: float = 1.0  # weight x alpha / rank (diffusers) or weight (diffsynth); the largest
 
 
-def to_diffusers_lora(state_dict: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+def to_diffusers_lora(
+    state_dict: dict[str, torch.Tensor], source: str, loader: LoraLoader = "diffusers"
+) -> dict[str, torch.Tensor]:
     """Convert a LoRA state dict in any accepted format to diffusers keys (`transformer.<module>.lora_A.weight`).
 
-    An `.alpha` is folded into lora_A as alpha / rank, the scale the file's trainer applied at run time,
-    so the adapter runs at scale 1 (diffusers' own conversion does the same).
+    With `loader="diffusers"` an `.alpha` is folded into lora_A as alpha / rank, the scale diffusers applies
+    at run time, so the adapter runs at scale 1 (diffusers' own conversion does the same); with
+    `loader="diffsynth"` alpha is dropped, as DiffSynth-Studio's loader does.
     """
+    converted, _ = _convert(state_dict, source, loader)
+    return converted
+
+
+def metadata_alpha_ratio(path: Path) -> float | None:
+    """alpha / rank from the peft adapter config diffusers' `save_lora_weights` stores in the file's header
+    (its files carry no `.alpha` keys); None when the file has none."""
+    with safe_open(str(path), "pt") as f:
+        raw = (f.metadata() or {}).get("lora_adapter_metadata")
+    if not raw:
+        return None
+    config = {key.removeprefix("transformer."): value for key, value in json.loads(raw).items()}
+    if config.get("alpha_pattern") or config.get("rank_pattern"):
+        raise LoraLoadError(f"LoRA {path}: per-module alpha_pattern / rank_pattern are not supported")
+    alpha, rank = config.get("lora_alpha"), config.get("r")
+    return alpha / rank if alpha and rank else None
+
+
+def _convert(
+    state_dict, source: str, loader: LoraLoader, default_ratio: float | None = None
+) -> tuple[dict[str, torch.Tensor], set[float]]:
+    """(diffusers state dict, the distinct alpha / rank ratios of the file's modules); `default_ratio`
+    applies to modules without an `.alpha` key."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
         if key.startswith("lora_unet_"):  # flattened names are ambiguous (underscores inside module names)
@@ -77,7 +119,7 @@ def to_diffusers_lora(state_dict: dict[str, torch.Tensor], source: str) -> dict[
     if not parts:
         raise LoraLoadError(f"LoRA {source}: the file holds no tensors")
 
-    converted = {}
+    converted, ratios = {}, set()
     for module, tensors in parts.items():
         if "lora_A" not in tensors or "lora_B" not in tensors:
             raise LoraLoadError(f"LoRA {source}: module {module!r} lacks lora_A or lora_B")
@@ -85,11 +127,14 @@ def to_diffusers_lora(state_dict: dict[str, torch.Tensor], source: str) -> dict[
         rank = down.shape[0]
         if up.shape[1] != rank:
             raise LoraLoadError(f"LoRA {source}: {module!r} has lora_A rank {rank} but lora_B {tuple(up.shape)}")
-        if "alpha" in tensors:
-            down = (down.float() * (tensors["alpha"].item() / rank)).to(down.dtype)
+        ratio = tensors["alpha"].item() / rank if "alpha" in tensors else default_ratio
+        if ratio is not None:
+            ratios.add(ratio)
+            if loader == "diffusers":
+                down = (down.float() * ratio).to(down.dtype)
         converted[f"transformer.{module}.lora_A.weight"] = down
         converted[f"transformer.{module}.lora_B.weight"] = up
-    return converted
+    return converted, ratios
 
 
 def target_modules(diffusers_state_dict: dict[str, torch.Tensor]) -> set[str]:
@@ -123,7 +168,15 @@ def load_lora(pipe, spec: LoraSpec, strict: bool = True) -> LoadedLora:
         raw = load_file(str(path))
     except Exception as err:  # safetensors raises its own error types for truncated or foreign files
         raise LoraLoadError(f"LoRA {path}: not a readable safetensors file ({err})") from err
-    state_dict = to_diffusers_lora(raw, str(path))
+    state_dict, ratios = _convert(raw, str(path), spec.loader, metadata_alpha_ratio(path))
+    scale = spec.weight * (max(ratios, default=1.0) if spec.loader == "diffusers" else 1.0)
+    if any(r != 1.0 for r in ratios):
+        other = "diffsynth" if spec.loader == "diffusers" else "diffusers"
+        logger.warning(
+            "LoRA %s: alpha != rank (alpha/rank %s); loaded with the %s convention at effective scale %g "
+            "(the %s convention would differ)", path, sorted(ratios), spec.loader, scale, other,
+        )  # fmt: skip
+    logger.info("LoRA %s as adapter %r: %s loader, effective scale %g", path, spec.name, spec.loader, scale)
     wanted = target_modules(state_dict)
 
     # Check names before loading: peft would only warn about missing ones, or fail with a generic error.
@@ -159,6 +212,8 @@ def load_lora(pipe, spec: LoraSpec, strict: bool = True) -> LoadedLora:
         sha256=sha256_files([path]),
         target_modules=len(wanted),
         lora_layers=len(created),
+        loader=spec.loader,
+        effective_scale=scale,
     )
 
 

@@ -3,7 +3,7 @@
 Each request runs `[content, style]` with the request's prompt and seed, 4 steps, cfg 1 by default, and the
 output has the content's size. Weights are never downloaded from the hub: `model` is a local pipeline folder,
 a hub id already in the local Hugging Face cache, or a remote URL (s3://...) of a pipeline folder, copied once
-per node by `pipeline.staging` (as are LoRA URLs), so runs are offline whether or not HF_HUB_OFFLINE is set.
+per node by `io.staging` (as are LoRA URLs), so runs are offline whether or not HF_HUB_OFFLINE is set.
 
 Fidelity note: the diffusers/transformers combination changes the outputs (see the reference notes on
 Qwen2.5-VL M-RoPE); `model_info` records the versions with every sample.
@@ -15,23 +15,23 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import QwenImageEditPlusPipeline
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
     CONDITION_IMAGE_SIZE,
     VAE_IMAGE_SIZE,
     calculate_dimensions,
-    calculate_shift,
     retrieve_timesteps,
 )
 from pydantic import BaseModel, ConfigDict, Field
 
 from styledistill.backends import BackendOptions
 from styledistill.generation.base import GenerationRequest, Generator
-from styledistill.generation.lora import LoadedLora, LoraSpec, load_loras
+from styledistill.generation.lora import LoadedLora, LoraLoader, LoraSpec, load_loras
+from styledistill.generation.qwen_edit import QwenEditPipeline, dtype_kwargs, make_scheduler, schedule_arguments
 from styledistill.io.staging import staged
 from styledistill.io.weights import TORCH_DTYPES, DType, model_dir_revision
 
@@ -46,8 +46,9 @@ class EditReferences:
     vae_sizes: list[tuple[int, int]]  # (width, height) of each VAE image
 
 
-class TeleStyleEditPipeline(QwenImageEditPlusPipeline):
-    """`QwenImageEditPlusPipeline` whose reference image sizes are explicit arguments.
+class TeleStyleEditPipeline(QwenEditPipeline):
+    """`QwenImageEditPlusPipeline` whose reference image sizes are explicit arguments (and whose text
+    encoder gets its M-RoPE positions, see `qwen_edit.QwenEditPipeline`).
 
     diffusers' `__call__` resizes every reference to about 1 MP for the VAE and 384x384 for the VLM through
     module constants read inside the call. TeleStyle (V1 through DiffSynth with `edit_image_auto_resize=False`,
@@ -121,15 +122,8 @@ class TeleStyleEditPipeline(QwenImageEditPlusPipeline):
         reference_shapes = [(1, h // patch, w // patch) for w, h in references.vae_sizes]
         img_shapes = [[(1, height // patch, width // patch), *reference_shapes]]
 
-        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-        config = self.scheduler.config
-        mu = calculate_shift(
-            latents.shape[1],
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
+        # The same (sigmas, mu) as the parent; a DMD student is trained on the resulting sigmas (qwen_edit).
+        sigmas, mu = schedule_arguments(self.scheduler.config, num_inference_steps, latents.shape[1])
         timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)
         self.scheduler.set_begin_index(0)
 
@@ -172,12 +166,15 @@ class TeleStyleEditPipeline(QwenImageEditPlusPipeline):
         )[0]
 
 
-def resolve_model(model: str) -> tuple[Path, str | None]:
+def resolve_model(model: str, what: str = "TeleStyle model") -> tuple[Path, str | None]:
     """`weights.model_dir_revision` (a local folder, a remote URL of one, or a hub id in the local cache),
     checked to be a diffusers pipeline folder: (folder, cache revision)."""
-    path, revision = model_dir_revision(model, "TeleStyle model")
+    path, revision = model_dir_revision(model, what)
     if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+        raise FileNotFoundError(
+            f"{what}: {path} is not a diffusers pipeline folder (no model_index.json); give the folder of "
+            "`QwenImageEditPlusPipeline.save_pretrained` or a hub id already in the local cache"
+        )
     return path, revision
 
 
@@ -187,6 +184,9 @@ class LoraOption(BaseModel):
     path: str
     name: str
     weight: float = 1.0
+    # How `.alpha` keys scale the LoRA: "diffsynth" ignores them (DiffSynth-Studio's loader, which V1 used
+    # for both its LoRAs), "diffusers" scales by alpha / rank. The same only where alpha == rank.
+    loader: LoraLoader = "diffusers"
 
 
 class TeleStyleGenerator(Generator):
@@ -206,6 +206,10 @@ class TeleStyleGenerator(Generator):
         reference_vae_at_input_size: bool = True
         # Side of the square-equivalent area the VLM sees each reference at; None: diffusers' 384.
         condition_image_size: int | None = Field(None, ge=28)
+        # Sampler config: "model" is the pipeline folder's own (Qwen-Image-Edit-2509: dynamic exponential
+        # shift, shift_terminal 0.02); "lightning" the constant shift 3 of Qwen-Image-Lightning's README.
+        # A DMD student (jobs/train) must be trained with the same choice (`student_scheduler`).
+        scheduler: Literal["model", "qwen-image-edit-2509", "lightning"] = "model"
 
     def setup(self) -> None:
         options = self.options
@@ -217,14 +221,18 @@ class TeleStyleGenerator(Generator):
             self.dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         self.model_path, self.model_revision = resolve_model(options.model)
         try:
-            pipe = TeleStyleEditPipeline.from_pretrained(self.model_path, dtype=self.dtype, local_files_only=True)
+            pipe = TeleStyleEditPipeline.from_pretrained(
+                self.model_path, local_files_only=True, **dtype_kwargs(self.dtype)
+            )
         except OSError as err:  # a partial download or a folder of another model
             raise FileNotFoundError(f"cannot load model {options.model!r} from {self.model_path}: {err}") from err
         pipe.set_progress_bar_config(disable=True)
+        if options.scheduler != "model":
+            pipe.scheduler = make_scheduler(options.scheduler)
         if not options.cpu_offload:
             pipe.to(self.device)
-        specs = [LoraSpec(path=staged(lora.path, f"LoRA {lora.name}"), name=lora.name, weight=lora.weight)
-                 for lora in options.loras]
+        specs = [LoraSpec(path=staged(lora.path, f"LoRA {lora.name}"), name=lora.name, weight=lora.weight,
+                          loader=lora.loader) for lora in options.loras]  # fmt: skip
         self.loras: list[LoadedLora] = load_loras(pipe, specs, fuse=options.fuse_loras, strict=options.strict_loras)
         if options.cpu_offload:
             pipe.enable_model_cpu_offload(device=self.device)
@@ -281,11 +289,14 @@ class TeleStyleGenerator(Generator):
             "model": options.model,
             "model_revision": self.model_revision or "local folder",
             "loras": ", ".join(
-                f"{lora.name}={lora.path.name}@sha256:{lora.sha256[:16]}*{lora.weight:g}" for lora in self.loras
+                f"{lora.name}={lora.path.name}@sha256:{lora.sha256[:16]}*{lora.weight:g}"
+                f" ({lora.loader} alpha, effective scale {lora.effective_scale:g})"
+                for lora in self.loras
             )
             or "none",
             "fuse_loras": str(options.fuse_loras),
             "steps": str(options.steps),
+            "scheduler": options.scheduler,
             "true_cfg_scale": f"{options.true_cfg_scale:g}",
             "reference_vae_at_input_size": str(options.reference_vae_at_input_size),
             "condition_area": str(self.condition_area),

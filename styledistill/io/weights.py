@@ -1,7 +1,7 @@
 """Finding model weights offline, and the small torch helpers the model scorers share.
 
 Nothing here downloads from the hub: a weight is a local file or directory, a remote URL (s3://, gs://) copied
-once per node by `pipeline.staging`, or a Hugging Face repo id that must already be in the local cache. We never hand a repo id to `from_pretrained` directly, because transformers 5.x still
+once per node by `io.staging`, or a Hugging Face repo id that must already be in the local cache. We never hand a repo id to `from_pretrained` directly, because transformers 5.x still
 sends HEAD requests (and retries for ~20 s) with `local_files_only=True`; resolving the id to a cached
 snapshot first keeps every load off the network, with or without HF_HUB_OFFLINE.
 """

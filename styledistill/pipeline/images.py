@@ -167,7 +167,10 @@ def prepare_content(arr: np.ndarray, res: Resolution) -> np.ndarray:
 
 
 def prepare_style(arr: np.ndarray, res: Resolution) -> np.ndarray:
-    """Style reference size: a centre square of style_edge, or short edge style_edge keeping the aspect."""
+    """Style reference size: a centre square of style_edge (`square`), the whole image squashed to a
+    style_edge square as TeleStyle V1 does (`resize`), or short edge style_edge keeping the aspect."""
+    if res.style_mode == "resize":
+        return _resize(arr, res.style_edge, res.style_edge)
     if res.style_mode == "square":
         side = min(arr.shape[:2])
         return _resize(np.ascontiguousarray(_center_crop(arr, side, side)), res.style_edge, res.style_edge)

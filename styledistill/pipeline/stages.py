@@ -18,6 +18,7 @@ from styledistill import backends
 from styledistill.generation.base import GenerationRequest
 from styledistill.pipeline import images
 from styledistill.schemas.config import ModelSpec, RunConfig
+from styledistill.schemas.recipes import GENERATION_RECIPE
 from styledistill.schemas.stages import StageResources, active_stages, stage_by_impl
 from styledistill.schemas.records import CONTENT_SLOT, GroupWork
 from styledistill.scoring.base import ViewScores
@@ -186,11 +187,13 @@ class ScoreStage(ModelStage):
         views: dict[tuple[str, str, str, str], dict[str, str]] = {}
         for work in batch:
             gid = work.group.group_id
-            triples = [(g.content_slot, g.style_slot, g.slot) for g in work.group.generations]
-            triples += [(t.content_ref, t.style_ref, t.target) for t in work.group.triplets]
-            for c, s, t in triples:
+            # A slot triple has one recipe (a generation is an RnS view); the VLM judge asks per recipe.
+            triples = [(g.content_slot, g.style_slot, g.slot, GENERATION_RECIPE) for g in work.group.generations]
+            triples += [(t.content_ref, t.style_ref, t.target, t.recipe) for t in work.group.triplets]
+            for c, s, t, recipe in triples:
                 if all(slot in work.images for slot in (c, s, t)):
-                    views[(gid, c, s, t)] = {"content": f"{gid}/{c}", "style": f"{gid}/{s}", "target": f"{gid}/{t}"}
+                    views[(gid, c, s, t)] = {"content": f"{gid}/{c}", "style": f"{gid}/{s}", "target": f"{gid}/{t}",
+                                             "recipe": recipe}  # fmt: skip
         keys = list(views)
         image_table = {f"{w.group.group_id}/{slot}": arr for w in batch for slot, arr in w.images.items()}
         merged: list[dict[str, float]] = [{} for _ in keys]

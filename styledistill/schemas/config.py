@@ -58,7 +58,9 @@ class Resolution(Strict):
     content_min_edge: int | None = None  # TeleStyle V1: short edge set to 1024
     content_max_edge: int | None = 384  # the embedded Magenta transform works at 384 on the long side
     multiple_of: int = 16
-    style_mode: Literal["square", "keep_aspect"] = "square"
+    # square: centre square crop, then style_edge x style_edge; resize: the whole image resized to
+    # style_edge x style_edge, aspect not kept (TeleStyle V1's demo); keep_aspect: short edge style_edge.
+    style_mode: Literal["square", "resize", "keep_aspect"] = "square"
     style_edge: int = 256
 
     @model_validator(mode="after")

@@ -19,6 +19,7 @@ PARTNER = "p"  # a role filled by a realistic photo other than c, drawn when the
 class Recipe:
     name: str
     roles: tuple[str, str, str]  # slot templates of (content ref, style ref, target)
+    target_label: str  # what the target must look like: "stylized" or "realistic" (the judge asks for it)
     teaches: str
     # True when the triplet *is* the view (c, s_i, r_i) its generation is judged on, so it does not inherit
     # its parent's verdict a second time; every other recipe built on an r_i inherits that r_i's rejection.
@@ -63,10 +64,11 @@ def _slot(template: str, i: int, j: int | None) -> str:
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
-        Recipe("rns", ("c", "s{i}", "r{i}"), "V1's own task: photo in a painted style", is_generation_view=True),
-        Recipe("sns", ("r{j}", "s{i}", "r{i}"), "restyle an already stylized image"),
-        Recipe("snr", ("r{i}", PARTNER, "c"), "back to a photo: the target is the original"),
-        Recipe("rnr", ("c", PARTNER, "c"), "a photo as style reference keeps the photo"),
+        Recipe("rns", ("c", "s{i}", "r{i}"), "stylized", "V1's own task: photo in a painted style",
+               is_generation_view=True),
+        Recipe("sns", ("r{j}", "s{i}", "r{i}"), "stylized", "restyle an already stylized image"),
+        Recipe("snr", ("r{i}", PARTNER, "c"), "realistic", "back to a photo: the target is the original"),
+        Recipe("rnr", ("c", PARTNER, "c"), "realistic", "a photo as style reference keeps the photo"),
     )
 }
 RECIPE_NAMES: tuple[str, ...] = tuple(RECIPES)

@@ -1,6 +1,8 @@
 """A VLM judge for (content ref, style ref, target) triplets, in the spirit of VIEScore / ImgEdit-Bench.
 
-The judge sees the three images in that order and must answer one JSON object:
+The judge sees the three images in that order, with a question that fits the view's recipe (RnS/SnS: the
+target is image 1 in image 2's artistic style; SnR/RnR: a natural photo with image 1's content), and must
+answer one JSON object:
 `{"style_consistency": 0-10, "content_preservation": 0-10, "image_quality": 0-10, "content_leakage": bool}`.
 Parsing is strict: the object (optionally in a ```json fence, prose around it is ignored), all four keys,
 numbers within 0..10, a JSON boolean for leakage. Anything else leaves the scores missing and keeps the raw
@@ -27,16 +29,16 @@ import re
 from pydantic import Field, model_validator
 
 from styledistill.backends import BackendOptions
+from styledistill.schemas.recipes import GENERATION_RECIPE, RECIPES
 from styledistill.scoring.base import Scorer, ViewScores
 from styledistill.vlm import ChatRequest, VLMClient, VLMOptions, build_client
 
-JUDGE_PROMPT = """You are an expert judge of image style transfer.
+_JUDGE_HEAD = """You are an expert judge of image style transfer.
 Image 1 is the content reference. Image 2 is the style reference. Image 3 is the result, which should show \
-the content of Image 1 painted in the artistic style of Image 2.
+{task}
 
 Rate Image 3:
-- style_consistency (integer 0-10): how well Image 3 matches the artistic style of Image 2 (colour palette, \
-texture, brush strokes, medium). 0 = no resemblance, 10 = the same style.
+- style_consistency (integer 0-10): {style}
 - content_preservation (integer 0-10): how well Image 3 keeps the objects, layout, poses and identity of \
 Image 1. 0 = different content, 10 = all content kept.
 - image_quality (integer 0-10): how free Image 3 is of artifacts, distortions, blur and noise. 0 = broken, \
@@ -45,8 +47,34 @@ Image 1. 0 = different content, 10 = all content kept.
 appear in Image 3.
 
 Answer ONLY with one JSON object, no other text, exactly in this form:
-{"style_consistency": <0-10>, "content_preservation": <0-10>, \
-"image_quality": <0-10>, "content_leakage": <true or false>}"""
+{{"style_consistency": <0-10>, "content_preservation": <0-10>, \
+"image_quality": <0-10>, "content_leakage": <true or false>}}"""
+
+# The question depends on what the recipe's target is. RnS/SnS: Image 3 is Image 1 in Image 2's artistic
+# style. SnR/RnR: Image 2 is a photo and the target is a natural photograph of Image 1's content (for SnR
+# the original photo that Image 1 was stylized from), so "painted in the style of Image 2" would be wrong.
+_STYLIZED = dict(
+    task="the content of Image 1 painted in the artistic style of Image 2.",
+    style="how well Image 3 matches the artistic style of Image 2 (colour palette, texture, brush strokes, "
+    "medium). 0 = no resemblance, 10 = the same style.",
+)
+_REALISTIC = dict(
+    task="the content of Image 1 as a natural, realistic photograph, like Image 2 (a photo), with no "
+    "painting or illustration style left.",
+    style="how much Image 3 looks like a natural photograph, as Image 2 does (real lighting, textures and "
+    "camera look; no brush strokes, outlines or flat colours). 0 = clearly a painting or illustration, "
+    "10 = an ordinary photo.",
+)
+# The question follows what the recipe's target must look like (schemas/recipes.py).
+_BY_TARGET = {"stylized": _JUDGE_HEAD.format(**_STYLIZED), "realistic": _JUDGE_HEAD.format(**_REALISTIC)}
+JUDGE_PROMPTS = {name: _BY_TARGET[recipe.target_label] for name, recipe in RECIPES.items()}
+JUDGE_PROMPT = JUDGE_PROMPTS[GENERATION_RECIPE]  # V1's task: a generation view is an RnS view
+
+
+def judge_prompt(recipe: str | None) -> str:
+    """The judge's question for a view of `recipe` (a view without one is a generation view)."""
+    return JUDGE_PROMPTS[recipe or GENERATION_RECIPE]
+
 
 SCORE_KEYS = {"style_consistency": "style", "content_preservation": "content", "image_quality": "quality"}
 RAW_LIMIT = 2000
@@ -140,7 +168,7 @@ class VLMJudgeScorer(Scorer):
         requests = [
             ChatRequest(
                 images=[images[views[i][role]] for role in ("content", "style", "target")],
-                text=JUDGE_PROMPT,
+                text=judge_prompt(views[i].get("recipe")),
                 max_new_tokens=self.options.max_new_tokens,
             )
             for i in routed
@@ -162,5 +190,6 @@ class VLMJudgeScorer(Scorer):
 
     def model_info(self) -> dict[str, str]:
         info = self.client.model_info()
-        info["judge_prompt_sha256"] = hashlib.sha256(JUDGE_PROMPT.encode()).hexdigest()[:16]
+        prompts = "\n".join(JUDGE_PROMPTS[r] for r in sorted(JUDGE_PROMPTS))
+        info["judge_prompt_sha256"] = hashlib.sha256(prompts.encode()).hexdigest()[:16]
         return info

@@ -41,6 +41,17 @@ def _load(config: Path, kind, overrides: list[str] | None):
         raise typer.Exit(2) from None
 
 
+def _run(train, cfg):
+    """Missing or unusable weights end in one line naming the path and how to provide it, as for `run`."""
+    from styledistill.generation.lora import LoraLoadError
+
+    try:
+        return train(cfg)
+    except (FileNotFoundError, LoraLoadError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+
+
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
@@ -51,7 +62,7 @@ def sft(config: Path, overrides: list[str] = SetOption) -> None:
     from styledistill.jobs.train.sft import train_sft
 
     _setup_logging()
-    out = train_sft(_load(config, SFTConfig, overrides))
+    out = _run(train_sft, _load(config, SFTConfig, overrides))
     typer.echo(f"LoRA written to {out}")
 
 
@@ -61,7 +72,7 @@ def dmd(config: Path, overrides: list[str] = SetOption) -> None:
     from styledistill.jobs.train.dmd import train_dmd
 
     _setup_logging()
-    out = train_dmd(_load(config, DMDConfig, overrides))
+    out = _run(train_dmd, _load(config, DMDConfig, overrides))
     typer.echo(f"student LoRA written to {out}")
 
 

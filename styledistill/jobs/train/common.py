@@ -132,3 +132,84 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         logger.info("step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in values.items()))
+
+
+class Trainer:
+    """The loop SFT and DMD share: load the frozen pipeline, resume, step until `max_steps` with metrics
+    and checkpoints, write the LoRA. A subclass adds its adapters in `setup`, does one optimiser step in
+    `train_step`, and says what its checkpoint holds (`state_dict` / `load_state_dict`) and which adapter
+    is the result (`write_lora`)."""
+
+    LORA_DIR = "lora"
+
+    def __init__(self, cfg: TrainCommon):
+        from styledistill.generation.telestyle import resolve_model
+        from styledistill.jobs.train.data import TripletLoader
+        from styledistill.jobs.train.model import EditConditioner, load_pipeline
+
+        self.cfg = cfg
+        resolve_model(cfg.model.path, "model.path")  # missing weights: fail before any process-wide setup
+        self.acc = make_accelerator(cfg)
+        self.pipe = load_pipeline(cfg.model, self.acc.device)
+        self.setup()
+        self.conditioner = EditConditioner(self.pipe, cfg.model)
+        self.generator = noise_generator(cfg.seed, self.acc.process_index)
+        self.checkpointer = Checkpointer(cfg.output_dir, self.acc, cfg.keep_checkpoints)
+        self.log = MetricsLog(cfg.output_dir, self.acc, cfg.log_every)
+        self.step, consumed = 0, 0
+        latest = self.checkpointer.latest()
+        if latest is not None:
+            consumed = self._resume(latest)
+        self.loader = TripletLoader(cfg.data, self.acc.process_index, self.acc.num_processes, consumed)
+
+    # -- what a trainer defines ----------------------------------------------------------------
+    def setup(self) -> None:
+        raise NotImplementedError
+
+    def trained_modules(self) -> list[torch.nn.Module]:
+        raise NotImplementedError
+
+    def train_step(self, samples) -> dict[str, float]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def write_lora(self, out: Path) -> None:
+        raise NotImplementedError
+
+    # -- the shared loop -----------------------------------------------------------------------
+    def train(self) -> Path:
+        samples = iter(self.loader)
+        for module in self.trained_modules():
+            module.train()
+        while self.step < self.cfg.max_steps:
+            metrics = self.train_step(samples)
+            self.log(self.step, **metrics, **{f"skipped_{k}": v for k, v in self.loader.skipped.items()})
+            if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.max_steps:
+                self.save_checkpoint()
+        return self.save_lora()
+
+    def save_lora(self) -> Path:
+        """The resulting LoRA in diffusers format, written by rank 0."""
+        out = Path(self.cfg.output_dir) / self.LORA_DIR
+        if self.acc.is_main_process:
+            self.write_lora(out)
+        self.acc.wait_for_everyone()
+        return out
+
+    def save_checkpoint(self) -> Path:
+        shared = {"step": self.step, **self.state_dict()}
+        local = {"rng": rng_state(self.generator), "consumed": self.loader.consumed}
+        return self.checkpointer.save(self.step, shared, local)
+
+    def _resume(self, path: Path) -> int:
+        shared, local = self.checkpointer.load(path)
+        self.load_state_dict(shared)
+        set_rng_state(local["rng"], self.generator)
+        self.step = shared["step"]
+        logger.info("resumed from %s at step %d", path, self.step)
+        return local["consumed"]

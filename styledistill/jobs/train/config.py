@@ -24,7 +24,6 @@ class DataConfig(Strict):
     area: int = 512 * 512  # every image is resized to about this many pixels, aspect kept
     multiple_of: int = Field(16, ge=16)  # VAE factor 8 x 2x2 packing
     shuffle_buffer: int = Field(256, ge=0)
-    append_enhanced_prompts: bool = False  # TeleStyle V2: instruction + ", content words, style words"
     num_workers: int = Field(0, ge=0)
     use_wids: bool = False  # random access through wids-index.json: exact resume, per-epoch shuffles
     seed: int = 0
@@ -100,14 +99,18 @@ class DMDConfig(TrainCommon):
     critic_lora: LoraConfig = LoraConfig()
     generator_optim: OptimConfig = OptimConfig(lr=5e-6, max_grad_norm=10.0)
     critic_optim: OptimConfig = OptimConfig(lr=5e-6, max_grad_norm=10.0)
-    critic_flow: FlowConfig = FlowConfig(sampling="uniform")
     generator_every: int = Field(5, ge=1)  # two time-scale rule: critic every step, generator every N
     cfg_scale: float = Field(4.0, ge=1.0)  # the teacher's real score; 1.0 skips the unconditional pass
     negative_prompt: str = " "
-    sigma_min: float = Field(0.02, ge=0, le=1)  # DMD noise range, DMD2's [0.02T, 0.98T]
+    # DMD noise range, DMD2's [0.02T, 0.98T]: where the critic and the teacher are queried in the generator
+    # update, and (uniformly, as in DMD2) where the critic is trained.
+    sigma_min: float = Field(0.02, ge=0, le=1)
     sigma_max: float = Field(0.98, ge=0, le=1)
     student_steps: int = Field(4, ge=1)  # the few-step schedule the student is distilled for
-    student_shift: float = Field(3.0, gt=0)  # Lightning uses a constant shift of 3 (exp(log 3))
+    # The sampler the student LoRA will run under, as the generator's `scheduler` option: "model" is the
+    # pipeline folder's scheduler config (Qwen-Image-Edit-2509: dynamic shift, shift_terminal 0.02), so the
+    # student's sigmas depend on the image size exactly as the pipeline's do.
+    student_scheduler: Literal["model", "qwen-image-edit-2509", "lightning"] = "model"
     backward_simulation: bool = True  # True: run earlier student steps from noise; False: noise the data
     shared_base: bool = True  # one frozen base with named adapters switched per role, not three copies
 

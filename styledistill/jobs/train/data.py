@@ -1,7 +1,8 @@
 """Training triplets from a run folder's webdataset shards.
 
 Each sample of `<run>/shards/*.tar` has the members `<key>.content.<ext>`, `<key>.style.<ext>`,
-`<key>.target.<ext>`, `<key>.txt` (instruction) and `<key>.json` (metadata), see schemas/manifest.py.
+`<key>.target.<ext>`, `<key>.txt` (the final instruction, used as is) and `<key>.json` (metadata), see
+schemas/manifest.py.
 The loader yields one decoded sample at a time: images are resized to about `area` pixels keeping their
 aspect ratio, so samples differ in size and the trainers batch by gradient accumulation.
 
@@ -32,7 +33,6 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from styledistill.generation.enhancer import enhanced_instruction
 from styledistill.jobs.train.config import DataConfig
 from styledistill.io import uris
 from styledistill.schemas.manifest import (
@@ -74,18 +74,6 @@ def _to_tensor(image: Image.Image, area: int, multiple_of: int) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def instruction_text(text: str, meta: dict, append_enhanced: bool) -> str:
-    """The instruction, with the enhancer's content and style words appended (TeleStyle V2) when asked,
-    joined exactly as the generation side joins them; words the writer already appended are not repeated."""
-    prompts = meta.get("prompts") or {}
-    if not append_enhanced or not prompts:
-        return text
-    # The writer stores {"content_prompt", "style_prompt", "error"}; accept the short names too.
-    words = [prompts.get(f"{role}_prompt", prompts.get(role)) for role in ("content", "style")]
-    words = [w if w and w.strip() and w.strip() not in text else None for w in words]
-    return enhanced_instruction(text, *words)
-
-
 def decode_triplet(sample: dict, cfg: DataConfig) -> dict:
     """Raw tar members of one sample to tensors and text; raises SkipSample or decoding errors."""
     members = {k.lstrip("."): v for k, v in sample.items() if not k.startswith("__")}
@@ -99,7 +87,8 @@ def decode_triplet(sample: dict, cfg: DataConfig) -> dict:
             raise SkipSample("missing_member", role)
         with Image.open(io.BytesIO(data)) as image:
             out[role] = _to_tensor(image, cfg.area, cfg.multiple_of)
-    out["instruction"] = instruction_text(members[TEXT_MEMBER].decode("utf-8"), meta, cfg.append_enhanced_prompts)
+    # The writer stores the final instruction (with the enhancer's words when the run appended them).
+    out["instruction"] = members[TEXT_MEMBER].decode("utf-8")
     return out
 
 

@@ -8,11 +8,16 @@ Roles, all the same transformer architecture:
 With `shared_base` (default) the three are one frozen base with two named peft adapters switched per
 role (teacher = adapters disabled): one copy of the 20B weights instead of three.
 
+Student schedule: the sigmas the pipeline samples with for `student_steps` steps at the sample's size,
+from the same scheduler config as the generator (Qwen-Image-Edit-2509's dynamic shift with
+shift_terminal 0.02 gives [1, 0.767, 0.456, 0.02] at 1024x1024, not a fixed shift's [1, 0.9, 0.75, 0.5]):
+a few-step student only works on the sigmas it was trained on.
 Generator update (every `generator_every` steps): x0_g = student output at a random step of its schedule
 (reached by running the earlier steps without gradient, or by noising the data target); noise x0_g at
 sigma ~ U[sigma_min, sigma_max]; grad = (x0_fake - x0_real) / mean|x0_g - x0_real| per sample;
 loss = 0.5 * MSE(x0_g, stopgrad(x0_g - grad)), whose gradient w.r.t. x0_g is grad / numel.
-Critic update (every step): flow-matching loss on re-noised, detached student outputs.
+Critic update (every step): flow-matching loss on re-noised, detached student outputs, at sigmas from the
+same U[sigma_min, sigma_max] it is queried at (DMD2 uses one range for both).
 """
 
 from __future__ import annotations
@@ -23,25 +28,17 @@ from pathlib import Path
 
 import torch
 
+from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
+
+from styledistill.generation.lora import LoraSpec, load_loras
+from styledistill.generation.qwen_edit import SCHEDULER_CONFIGS, edit_sigmas
 from styledistill.jobs.train import flow
-from styledistill.jobs.train.common import (
-    Checkpointer,
-    MetricsLog,
-    make_accelerator,
-    make_optimizer,
-    noise_generator,
-    rng_state,
-    set_rng_state,
-    sync_and_clip,
-)
+from styledistill.jobs.train.common import Trainer, make_optimizer, sync_and_clip
 from styledistill.jobs.train.config import DMDConfig
-from styledistill.jobs.train.data import TripletLoader
 from styledistill.jobs.train.model import (
     EditBatch,
-    EditConditioner,
     add_lora,
     load_lora_state_dict,
-    load_pipeline,
     lora_state_dict,
     predict_velocity,
     save_lora,
@@ -50,7 +47,7 @@ from styledistill.jobs.train.model import (
 logger = logging.getLogger(__name__)
 
 TEACHER, STUDENT, CRITIC = "teacher", "student", "critic"
-LORA_DIR = "lora"
+LORA_DIR = Trainer.LORA_DIR
 
 
 class Roles:
@@ -84,31 +81,39 @@ class Roles:
         return predict_velocity(self.activate(role), x, sigma, batch, negative=negative)
 
 
-class DMDTrainer:
-    def __init__(self, cfg: DMDConfig):
-        self.cfg = cfg
-        self.acc = make_accelerator(cfg)
-        self.pipe = load_pipeline(cfg.model, self.acc.device)
+class DMDTrainer(Trainer):
+    cfg: DMDConfig
+
+    def setup(self) -> None:
+        cfg = self.cfg
         if cfg.teacher_lora:
             # Teacher = base + SFT LoRA, fused into the frozen weights; student and critic start from it.
-            self.pipe.load_lora_weights(cfg.teacher_lora, adapter_name="teacher")
-            self.pipe.fuse_lora(components=["transformer"], lora_scale=1.0)
-            self.pipe.unload_lora_weights()
+            # The verified loader fails when the file's keys match no module (diffusers only warns, and the
+            # teacher would silently be the base model).
+            path = Path(cfg.teacher_lora)
+            path = path / LORA_WEIGHT_NAME_SAFE if path.is_dir() else path
+            self.teacher_lora = load_loras(self.pipe, [LoraSpec(str(path), TEACHER)], fuse=True)[0]
+            logger.info("teacher = base + %s (%d LoRA layers, fused)", path, self.teacher_lora.lora_layers)
         self.roles = Roles(self.pipe.transformer, cfg)
         self.optimizers = {
             STUDENT: make_optimizer(self.roles.params[STUDENT], cfg.generator_optim),
             CRITIC: make_optimizer(self.roles.params[CRITIC], cfg.critic_optim),
         }
-        self.schedule = flow.student_schedule(cfg.student_steps, cfg.student_shift)
-        self.conditioner = EditConditioner(self.pipe, cfg.model)
-        self.generator = noise_generator(cfg.seed, self.acc.process_index)
-        self.checkpointer = Checkpointer(cfg.output_dir, self.acc, cfg.keep_checkpoints)
-        self.log = MetricsLog(cfg.output_dir, self.acc, cfg.log_every)
-        self.step, self.updates, consumed = 0, {STUDENT: 0, CRITIC: 0}, 0
-        latest = self.checkpointer.latest()
-        if latest is not None:
-            consumed = self._resume(latest)
-        self.loader = TripletLoader(cfg.data, self.acc.process_index, self.acc.num_processes, consumed)
+        self.updates = {STUDENT: 0, CRITIC: 0}
+        self.scheduler_config = (
+            self.pipe.scheduler.config if cfg.student_scheduler == "model" else SCHEDULER_CONFIGS[cfg.student_scheduler]
+        )
+        self._schedules: dict[int, torch.Tensor] = {}
+
+    def trained_modules(self) -> list[torch.nn.Module]:
+        return list(self.roles.modules.values())
+
+    def schedule(self, image_seq_len: int) -> torch.Tensor:
+        """The student's sigmas for a target of `image_seq_len` tokens: those the pipeline samples with at
+        that size under the same scheduler config (dynamic shifting makes them depend on the size)."""
+        if image_seq_len not in self._schedules:
+            self._schedules[image_seq_len] = edit_sigmas(self.scheduler_config, self.cfg.student_steps, image_seq_len)
+        return self._schedules[image_seq_len]
 
     # -- the maths -------------------------------------------------------------------------------
     def _randn(self, like: torch.Tensor) -> torch.Tensor:
@@ -129,7 +134,7 @@ class DMDTrainer:
 
     def student_x0(self, batch: EditBatch, with_grad: bool) -> torch.Tensor:
         """The student's x0 at a random step k of its schedule; only step k carries gradient."""
-        sigmas = self.schedule
+        sigmas = self.schedule(batch.x0.shape[1])
         k = int(torch.randint(len(sigmas), (1,), generator=self.generator))
         if self.cfg.backward_simulation:
             # Reach step k the way inference does: Euler steps from pure noise (sigmas[0] = 1).
@@ -145,11 +150,16 @@ class DMDTrainer:
             v = self.roles.velocity(STUDENT, x, sigma_k, batch)
             return flow.x0_from_velocity(x, sigma_k, v)
 
+    def dmd_sigma(self, like: torch.Tensor) -> torch.Tensor:
+        """sigma ~ U[sigma_min, sigma_max], one per sample: where the critic is trained and queried (DMD2)."""
+        n = like.shape[0]
+        sigma = self.cfg.sigma_min + (self.cfg.sigma_max - self.cfg.sigma_min) * torch.rand(n, generator=self.generator)
+        return sigma.to(like.device)
+
     def generator_loss(self, batch: EditBatch) -> tuple[torch.Tensor, float]:
         x0_g = self.student_x0(batch, with_grad=True)
         n = x0_g.shape[0]
-        sigma = self.cfg.sigma_min + (self.cfg.sigma_max - self.cfg.sigma_min) * torch.rand(n, generator=self.generator)
-        sigma = sigma.to(x0_g.device)
+        sigma = self.dmd_sigma(x0_g)
         x_sigma = flow.add_noise(x0_g.detach(), self._randn(x0_g), sigma)
         with torch.no_grad():
             x0_fake = flow.x0_from_velocity(x_sigma, sigma, self.roles.velocity(CRITIC, x_sigma, sigma, batch))
@@ -163,10 +173,10 @@ class DMDTrainer:
     def critic_loss(self, batch: EditBatch) -> torch.Tensor:
         x0_g = self.student_x0(batch, with_grad=False)
         noise = self._randn(x0_g)
-        sigma = flow.sample_sigmas(x0_g.shape[0], self.cfg.critic_flow, self.generator).to(x0_g.device)
+        sigma = self.dmd_sigma(x0_g)
         x_sigma = flow.add_noise(x0_g, noise, sigma)
         v = self.roles.velocity(CRITIC, x_sigma, sigma, batch)
-        return flow.flow_loss(v, x0_g, noise, flow.loss_weight(sigma, self.cfg.critic_flow))
+        return flow.flow_loss(v, x0_g, noise, torch.ones_like(sigma))
 
     # -- updates ---------------------------------------------------------------------------------
     def _update(self, role: str, batches: list[EditBatch]) -> dict[str, float]:
@@ -209,49 +219,28 @@ class DMDTrainer:
         metrics.update(self.critic_update(batches))
         return metrics
 
-    def train(self) -> Path:
-        samples = iter(self.loader)
-        for module in self.roles.modules.values():
-            module.train()
-        while self.step < self.cfg.max_steps:
-            metrics = self.train_step(samples)
-            self.log(self.step, **metrics, **{f"skipped_{k}": v for k, v in self.loader.skipped.items()})
-            if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.max_steps:
-                self.save_checkpoint()
-        return self.save_lora()
+    def write_lora(self, out: Path) -> None:
+        """The student LoRA. With `teacher_lora`, load both at weight 1.0 to infer."""
+        save_lora(self.roles.modules[STUDENT], STUDENT, out)
 
-    # -- saving ----------------------------------------------------------------------------------
-    def save_lora(self) -> Path:
-        """The student LoRA in diffusers format. With `teacher_lora`, load both at weight 1.0 to infer."""
-        out = Path(self.cfg.output_dir) / LORA_DIR
-        if self.acc.is_main_process:
-            save_lora(self.roles.modules[STUDENT], STUDENT, out)
-        self.acc.wait_for_everyone()
-        return out
-
-    def save_checkpoint(self) -> Path:
-        shared = {"step": self.step, "updates": dict(self.updates)}
+    def state_dict(self) -> dict:
+        state = {"updates": dict(self.updates)}
         for role in (STUDENT, CRITIC):
             optimizer, scheduler = self.optimizers[role]
-            shared[role] = {
+            state[role] = {
                 "lora": lora_state_dict(self.roles.modules[role], role),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
             }
-        local = {"rng": rng_state(self.generator), "consumed": self.loader.consumed}
-        return self.checkpointer.save(self.step, shared, local)
+        return state
 
-    def _resume(self, path: Path) -> int:
-        shared, local = self.checkpointer.load(path)
+    def load_state_dict(self, state: dict) -> None:
         for role in (STUDENT, CRITIC):
             optimizer, scheduler = self.optimizers[role]
-            load_lora_state_dict(self.roles.modules[role], shared[role]["lora"], role)
-            optimizer.load_state_dict(shared[role]["optimizer"])
-            scheduler.load_state_dict(shared[role]["scheduler"])
-        set_rng_state(local["rng"], self.generator)
-        self.step, self.updates = shared["step"], shared["updates"]
-        logger.info("resumed from %s at step %d", path, self.step)
-        return local["consumed"]
+            load_lora_state_dict(self.roles.modules[role], state[role]["lora"], role)
+            optimizer.load_state_dict(state[role]["optimizer"])
+            scheduler.load_state_dict(state[role]["scheduler"])
+        self.updates = state["updates"]
 
 
 def train_dmd(cfg: DMDConfig) -> Path:

@@ -48,11 +48,6 @@ def loss_weight(sigma: torch.Tensor, cfg: FlowConfig) -> torch.Tensor:
     return compute_loss_weighting_for_sd3(cfg.weighting, sigma)
 
 
-def student_schedule(steps: int, shift: float) -> torch.Tensor:
-    """The few-step student's sigmas, from 1 (pure noise) down, like the pipeline's linspace(1, 1/N)."""
-    return shift_sigma(torch.linspace(1.0, 1.0 / steps, steps), shift)
-
-
 def flow_loss(v_pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Weighted MSE against the velocity target, mean per sample then over the batch."""
     per_sample = ((v_pred.float() - velocity(x0, noise).float()) ** 2).flatten(1).mean(1)
@@ -66,18 +61,8 @@ def normalize_latents(latents: torch.Tensor, latents_mean: list[float], latents_
     return (latents - mean) / std
 
 
-def denormalize_latents(latents: torch.Tensor, latents_mean: list[float], latents_std: list[float]) -> torch.Tensor:
-    mean = torch.tensor(latents_mean).view(1, -1, 1, 1, 1).to(latents)
-    std = torch.tensor(latents_std).view(1, -1, 1, 1, 1).to(latents)
-    return latents * std + mean
-
-
 def pack(latents: torch.Tensor) -> torch.Tensor:
     """(B, C, 1, h, w) latents to (B, h/2 * w/2, 4C) tokens of 2x2 patches."""
     b, c, _, h, w = latents.shape
     return QwenImageEditPlusPipeline._pack_latents(latents, b, c, h, w)
 
-
-def unpack(tokens: torch.Tensor, height: int, width: int, vae_scale_factor: int = 8) -> torch.Tensor:
-    """Tokens back to (B, C, 1, h, w); height/width are in pixels, as in the pipeline."""
-    return QwenImageEditPlusPipeline._unpack_latents(tokens, height, width, vae_scale_factor)

@@ -4,7 +4,8 @@ The forward follows QwenImageEditPlusPipeline: the noisy target is packed in 2x2
 (content, then style) is VAE-encoded at its own size, packed, left unnoised and appended after the target
 tokens; `img_shapes` lists the target then the references (it drives RoPE); the output is sliced back to
 the target tokens. Text conditioning is the pipeline's own `encode_prompt` with the references as the VLM
-sees them (about `condition_area` pixels), so training and inference condition identically.
+sees them (about `condition_area` pixels), so training and inference condition identically; the pipeline
+is `QwenEditPipeline`, whose text encoder gets Qwen2.5-VL's M-RoPE positions as at inference.
 """
 
 from __future__ import annotations
@@ -20,14 +21,21 @@ from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
 
+from styledistill.generation.qwen_edit import QwenEditPipeline, dtype_kwargs
+from styledistill.generation.telestyle import resolve_model
 from styledistill.jobs.train import flow
 from styledistill.jobs.train.config import LoraConfig, ModelConfig
 from styledistill.io.weights import TORCH_DTYPES
 
 
-def load_pipeline(cfg: ModelConfig, device: torch.device) -> QwenImageEditPlusPipeline:
-    """Load the pipeline with everything frozen; only LoRA weights added later train."""
-    pipe = QwenImageEditPlusPipeline.from_pretrained(cfg.path, dtype=TORCH_DTYPES[cfg.dtype], local_files_only=True)
+def load_pipeline(cfg: ModelConfig, device: torch.device) -> QwenEditPipeline:
+    """Load the pipeline with everything frozen; only LoRA weights added later train. A missing or
+    incomplete folder raises FileNotFoundError naming the path (`model.path`) and how to provide it."""
+    path, _ = resolve_model(cfg.path, "model.path")
+    try:
+        pipe = QwenEditPipeline.from_pretrained(path, local_files_only=True, **dtype_kwargs(TORCH_DTYPES[cfg.dtype]))
+    except OSError as err:  # a partial download or a folder of another model
+        raise FileNotFoundError(f"model.path: cannot load {path}: {err}") from err
     pipe.to(device)
     for module in (pipe.transformer, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
