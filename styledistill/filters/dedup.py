@@ -30,6 +30,22 @@ def hamming(a: int, b: int) -> int:
     """Bits that differ between two 64-bit perceptual hashes."""
     return (a ^ b).bit_count()
 
+
+class TripletDeduper:
+    """Exact triplet duplicates within a shard: the same three encoded images as an earlier sample.
+
+    Only within a shard, so a shard's content never depends on which other shards finished first."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.first: dict[tuple, str] = {}  # (content, style, target sha256) -> key of its first sample
+
+    def check(self, key: str, signature: tuple) -> str | None:
+        """The key this sample duplicates, or None (and remember it)."""
+        first = self.first.setdefault(signature, key)
+        return first if self.enabled and first != key else None
+
+
 class PerceptualIndex:
     """Stored (id, hash) pairs; `find` returns the closest stored id within `max_distance`, or None."""
 

@@ -89,6 +89,7 @@ MANIFEST_COLUMNS = pa.schema(
         ("target_sha256", pa.string()),
         ("seed", pa.int64()),
         ("lineage", pa.string()),  # JSON: sources (uri, sha256), parent generations, seeds
+        ("generation_scores", pa.string()),  # JSON: scores of each parent generation r_i, by slot (for re-deciding)
         ("notes", pa.string()),  # JSON: scorer notes, enhanced prompts
     ]
 )
