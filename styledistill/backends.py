@@ -104,16 +104,29 @@ def check_backends(config: RunConfig) -> None:
     Loads no weights."""
     specs = [("generator", config.generator), *(("scorer", spec) for spec in config.scorers)]
     specs += [(kind, spec) for kind, spec in (("enhancer", config.enhancer), ("labeler", config.labeler)) if spec]
-    written: set[str] = set()
     for kind, spec in specs:
-        try:
-            backend = build(kind, spec)
-        except ImportError as err:
-            raise BackendError(f"{kind} backend {spec.backend!r} cannot be imported here: {err}") from None
-        except ValueError as err:
-            raise BackendError(str(err)) from None
-        if kind == "scorer":
-            written.update(f"{backend.name}.{score}" for score in backend.declared_scores())
+        _checked_build(kind, spec)
+    check_rules(config)
+
+
+def _checked_build(kind: str, spec: ModelSpec) -> Backend:
+    try:
+        return build(kind, spec)
+    except ImportError as err:
+        raise BackendError(f"{kind} backend {spec.backend!r} cannot be imported here: {err}") from None
+    except ValueError as err:
+        raise BackendError(str(err)) from None
+
+
+def declared_scores(config: RunConfig) -> set[str]:
+    """Every score name ("<scorer>.<name>") the configured scorers write: what filters may read."""
+    scorers = [_checked_build("scorer", spec) for spec in config.scorers]
+    return {f"{scorer.name}.{score}" for scorer in scorers for score in scorer.declared_scores()}
+
+
+def check_rules(config: RunConfig) -> None:
+    """Each rule reads a score some configured scorer writes; else one line naming the rule and the scores."""
+    written = declared_scores(config)
     filters = config.filters
     for level, rules in (("filters.generation_rules", filters.generation_rules), ("filters.rules", filters.rules)):
         for n, rule in enumerate(rules):

@@ -128,6 +128,47 @@ def report(run_folder: str = typer.Argument(..., help="A run folder (local path 
     typer.echo(html_path)
 
 
+@app.command()
+def refilter(run_folder: str = typer.Argument(..., help="A finished run folder (local path or URL)."),
+             out: str = typer.Option(..., "--out", "-o", help="The new run folder."),
+             overrides: list[str] = typer.Option([], "--set", "-s", help="Change a filter: --set filters.rules.0.min=0.5"),
+             filters_file: Optional[Path] = typer.Option(None, "--filters", help="YAML: a whole `filters` mapping.")):
+    """Re-decide a run's samples with other filters from the stored scores (no model runs) into a new run folder."""
+    import json as json_module
+
+    from styledistill.io import uris
+    from styledistill.pipeline.refilter import refilter_run, refiltered_config
+    from styledistill.report import write_report
+    from styledistill.schemas import manifest as mf
+    from styledistill.schemas.config import parse_config, read_yaml_mapping
+
+    try:
+        source = parse_config(json_module.loads(uris.read_bytes(uris.join(run_folder, mf.RUN_FILE)))["config"])
+        filters = read_yaml_mapping(filters_file) if filters_file else None
+        config = refiltered_config(source, out, filters, overrides)
+        outcome = refilter_run(run_folder, config)
+    except USER_ERRORS as err:
+        _fail(err)
+    table = Table("recipe", "from", "to", "samples", title="status changes")
+    for (recipe, before, after), n in sorted(outcome.transitions.items()):
+        if before != after:
+            table.add_row(recipe, before, after, str(n))
+    console.print(table)
+    for rule, changes in sorted(outcome.by_rule.items()):
+        console.print(f"  {rule}: now rejects {changes.get('now_rejects', 0)}, "
+                      f"no longer rejects {changes.get('no_longer_rejects', 0)}")
+    if outcome.not_promoted:
+        console.print(f"[yellow]{len(outcome.not_promoted)} samples pass the new filters but cannot be promoted: "
+                      f"the source run kept no rejected images (output.write_rejects: false); "
+                      f"first: {', '.join(outcome.not_promoted[:3])}[/yellow]")
+    counts = outcome.counts
+    console.print(f"{outcome.shards} shards: accepted {counts['accepted']}, rejected {counts['rejected']}, "
+                  f"failed {counts['failed']}")
+    _, html_path = write_report(out)
+    console.print(f"report: {html_path}")
+    typer.echo(out)
+
+
 @app.command("sample-data")
 def sample_data(out_dir: Path = typer.Argument(Path("runs/sample-data")),
                 bad_files: bool = typer.Option(True, help="Add a few broken files, to show how they are recorded.")):

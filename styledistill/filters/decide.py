@@ -107,7 +107,7 @@ def decide(filters: FilterConfig, recipe: str, scores: Mapping[str, float],
         return Decision(mf.FAILED, (Reason(FAILURE, error),))
     reasons = rule_reasons(filters.rules, "rules", recipe, scores)
     if recipe not in RECIPES or not RECIPES[recipe].is_generation_view:  # that one *is* its parent's view
-        for slot, parent in parent_scores.items():
+        for slot, parent in sorted(parent_scores.items()):  # by slot: the order the scores were stored in never matters
             for reason in generation_reasons(filters, parent):
                 reasons.append(Reason(**{**reason.as_row(), "text": f"parent {slot}: {reason.text}",
                                          "inherited_from": slot}))

@@ -1,0 +1,92 @@
+"""`refilter` re-decides a finished run from its stored scores: the same bytes as a full run with the new
+filters, loosening included when the run kept its rejects; tightening only when it did not."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import demo_config
+from styledistill.cli import app
+from styledistill.pipeline.refilter import REFILTER_FILE, refilter_run, refiltered_config
+from styledistill.pipeline.run import run_pipeline
+from styledistill.schemas import manifest as mf
+from styledistill.schemas.config import ConfigError
+
+pytestmark = pytest.mark.slow
+
+# Loosen one rule (promotes samples from the rejects) and tighten another (rejects accepted ones).
+CHANGE = ["filters.rules.1.min=-1", "filters.rules.3.min=0.07"]  # edges.ssim, noop.pixel_diff
+
+
+def _outputs(run: Path) -> dict[str, bytes]:
+    """Everything a consumer reads: tars, rejects, manifests, stats-free indexes."""
+    files = sorted(run.glob("shards/*.tar")) + sorted(run.glob("rejects/*.tar")) + sorted(run.glob("shards/*.parquet"))
+    files += [run / mf.SHARDS_DIR / mf.SIZES_FILE, run / mf.WIDS_INDEX_FILE]
+    return {str(f.relative_to(run)): f.read_bytes() for f in files}
+
+
+@pytest.fixture(scope="module")
+def runs(sample_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("refilter")
+    source = demo_config(sample_data, root / "source", "output.write_rejects=true")
+    run_pipeline(source, inline=True, report=False)
+    changed = demo_config(sample_data, root / "full", "output.write_rejects=true", *CHANGE)
+    run_pipeline(changed, inline=True, report=False)
+    return root
+
+
+def test_refilter_gives_the_bytes_of_a_full_run_with_the_new_filters(runs, sample_data):
+    source = demo_config(sample_data, runs / "source", "output.write_rejects=true")
+    config = refiltered_config(source, str(runs / "refiltered"), None, CHANGE)
+    outcome = refilter_run(str(runs / "source"), config)
+    full, refiltered = _outputs(runs / "full"), _outputs(runs / "refiltered")
+    assert full.keys() == refiltered.keys() and len(full) > 6
+    assert [name for name in full if full[name] != refiltered[name]] == []
+    # The change did something both ways, and the diff says so per rule.
+    moved = {(a, b) for (_, a, b), n in outcome.transitions.items() if a != b}
+    assert moved == {("rejected", "accepted"), ("accepted", "rejected")}, outcome.transitions
+    assert outcome.by_rule["noop.pixel_diff <"]["now_rejects"] > 0
+    assert outcome.by_rule["edges.ssim <"]["no_longer_rejects"] > 0
+    saved = json.loads((runs / "refiltered" / REFILTER_FILE).read_text())
+    assert saved["filters_after"]["rules"][1]["min"] == -1 and saved["not_promoted"] == []
+    # A second call on the finished folder resumes: no shard is rewritten (the indexes are, from the stats).
+    shard_files = sorted(p for p in (runs / "refiltered" / "shards").iterdir() if p.name != mf.SIZES_FILE)
+    before = [p.stat().st_mtime_ns for p in shard_files]
+    refilter_run(str(runs / "source"), config)
+    assert [p.stat().st_mtime_ns for p in shard_files] == before
+
+
+def test_without_kept_rejects_refilter_can_only_tighten_and_names_what_it_cannot_promote(runs, sample_data, tmp_path):
+    source = demo_config(sample_data, tmp_path / "source", "output.write_rejects=false")
+    run_pipeline(source, inline=True, report=False)
+    outcome = refilter_run(str(tmp_path / "source"), refiltered_config(source, str(tmp_path / "new"), None, CHANGE))
+    assert outcome.not_promoted
+    rows = json.loads((tmp_path / "new" / REFILTER_FILE).read_text())["not_promoted"]
+    assert rows == outcome.not_promoted
+    import pandas as pd
+
+    manifests = pd.concat(pd.read_parquet(p) for p in sorted((tmp_path / "new" / mf.SHARDS_DIR).glob("*.parquet")))
+    stuck = manifests.set_index("key").loc[outcome.not_promoted]
+    assert (stuck.status == mf.REJECTED).all()
+    assert all(any(d["kind"] == "not_kept" for d in details) for details in stuck.reason_details)
+
+
+def test_refilter_changes_filters_only(sample_data, tmp_path):
+    source = demo_config(sample_data, tmp_path / "source")
+    with pytest.raises(ConfigError, match="refilter changes filters only"):
+        refiltered_config(source, str(tmp_path / "x"), None, ["plan.seed=4"])
+
+
+def test_cli_refilter_prints_the_diff_and_writes_the_report(runs, tmp_path):
+    result = CliRunner().invoke(app, ["refilter", str(runs / "source"), "--out", str(tmp_path / "cli"),
+                                      "--set", "filters.rules.1.min=-1"])
+    assert result.exit_code == 0, result.output
+    assert "status changes" in result.output and "edges.ssim <: now rejects 0, no longer rejects" in result.output
+    assert (tmp_path / "cli" / mf.REPORT_FILE).exists()
+    bad = CliRunner().invoke(app, ["refilter", str(runs / "source"), "--out", str(tmp_path / "bad"),
+                                   "--set", "filters.rules.0.score=clip.content_cos"])
+    assert bad.exit_code == 2 and "reads score 'clip.content_cos', which no configured scorer writes" in bad.output
