@@ -67,9 +67,9 @@ def _child_command(mode: str, photos_dir: Path, styles_dir: Path, photos: int, o
     return [sys.executable, "-m", "styledistill.tools.bench", mode, str(photos_dir), str(styles_dir), str(photos), str(out)]
 
 
-def measure(mode: str, photos_dir: Path, styles_dir: Path, photos: int, out: Path) -> Measurement:
-    proc = subprocess.Popen(_child_command(mode, photos_dir, styles_dir, photos, out),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def run_measured(command: list[str]) -> tuple[dict, float]:
+    """Run `command` as a child process; (its last stdout line as JSON, peak PSS of its process tree in MB)."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     root = psutil.Process(proc.pid)
     peak = 0
     while proc.poll() is None:
@@ -83,9 +83,13 @@ def measure(mode: str, photos_dir: Path, styles_dir: Path, photos: int, out: Pat
         time.sleep(0.2)
     stdout, stderr = proc.communicate()
     if proc.returncode != 0:
-        raise RuntimeError(f"benchmark child ({mode}) failed:\n{stderr[-3000:]}")
-    result = json.loads(stdout.strip().splitlines()[-1])
-    return Measurement(mode, photos, result["samples"], result["wall_s"], peak / 2**20)
+        raise RuntimeError(f"benchmark child {command[3:5]} failed:\n{stderr[-3000:]}")
+    return json.loads(stdout.strip().splitlines()[-1]), peak / 2**20
+
+
+def measure(mode: str, photos_dir: Path, styles_dir: Path, photos: int, out: Path) -> Measurement:
+    result, peak_mb = run_measured(_child_command(mode, photos_dir, styles_dir, photos, out))
+    return Measurement(mode, photos, result["samples"], result["wall_s"], peak_mb)
 
 
 def run_benchmark(n: int, workdir: Path, scale: int, console: Console) -> list[Measurement]:
