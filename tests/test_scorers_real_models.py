@@ -247,15 +247,28 @@ def test_labeler_rejects_an_inverted_band():
         ClipLabeler({"abstain": [0.7, 0.3]})
 
 
-def test_labeler_on_real_pixels_returns_probabilities(tiny_clip_weights):
-    labeler = ClipLabeler(clip_options(tiny_clip_weights))
+def test_labeler_on_real_pixels_gives_the_sample_images_their_true_labels(tiny_clip_weights, sample_data):
+    """The tiny CLIP is random, so its prompt embeddings mean nothing: they are replaced by the embeddings of
+    one photo and one stylized image of the sample set, and the labeler, reading those images again from their
+    pixels (in batches shared with the other class), must give each its folder's label."""
+    labeler = ClipLabeler(clip_options(tiny_clip_weights))  # default band: abstain on 0.35..0.65; batches of 2
     labeler.setup()
     assert labeler.label([]) == []
-    results = labeler.label([image(0), image(1)])
-    assert len(results) == 2
-    for label, prob in results:
-        assert 0.0 <= prob <= 1.0
-        assert label == label_for(prob, (0.35, 0.65))
+    for label, prob in labeler.label([image(0), image(1)]):  # the random prompts: a probability, some answer
+        assert 0.0 <= prob <= 1.0 and label in ("realistic", "stylized", None)
+
+    truth = {"realistic": sample_data / "realistic" / "chelsea.jpg",
+             "stylized": sorted((sample_data / "stylized").glob("*.jpg"))[0]}
+    pixels = {label: np.asarray(Image.open(path).convert("RGB")) for label, path in truth.items()}
+    with torch.no_grad():
+        exemplar = {label: labeler.clip.encode_images([pixels[label]])[0] for label in truth}
+    labeler.clip.realistic_text, labeler.clip.stylized_text = exemplar["realistic"], exemplar["stylized"]
+    labeler.clip.logit_scale = 100.0  # CLIP's trained value; the random model's is 1/0.07
+    order = ["stylized", "realistic", "realistic", "stylized", "realistic"]
+    results = labeler.label([pixels[label] for label in order])
+    assert [label for label, _ in results] == order
+    for expected, (_, prob) in zip(order, results):
+        assert prob > 0.65 if expected == "stylized" else prob < 0.35
 
 
 def test_clip_missing_weights_file_names_the_path(tmp_path):
