@@ -222,6 +222,7 @@ def test_manifest_label_errors_become_failed_rows(tmp_path):
     assert rows["error"].iloc[2] == f"file not found: {tmp_path / 'imgs' / 'gone.jpg'}"
 
 
+@pytest.mark.slow  # starts the local Ray when it is the first test to need one
 def test_scan_on_ray_matches_in_process(pools, local_ray):
     config = _config(
         {"uri": str(pools / "real"), "label": "realistic"}, {"uri": str(pools / "styl"), "label": "stylized"}

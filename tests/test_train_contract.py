@@ -17,6 +17,8 @@ from styledistill.jobs.train.sft import SFTTrainer
 from styledistill.pipeline.run import run_pipeline
 from styledistill.schemas import manifest as mf
 
+pytestmark = pytest.mark.slow  # a pipeline run read by the trainer, end to end
+
 
 @pytest.fixture(scope="module")
 def run(sample_data, tmp_path_factory) -> Path:

@@ -1,5 +1,6 @@
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from tiny_train_models import write_run
@@ -27,6 +28,7 @@ def _worker(rank: int, world: int, port: int, pipe: str, run: str, out: str) -> 
     torch.save({"lora": lora_state_dict(trainer.transformer, ADAPTER), "keys": keys}, f"{out}/rank{rank}-result.pt")
 
 
+@pytest.mark.slow  # two training processes, end to end
 def test_two_process_gloo_sft_keeps_ranks_in_sync(tmp_path, tiny_qwen_pipeline):
     pipe, run = tiny_qwen_pipeline, write_run(tmp_path / "run", shards=2, per_shard=2, size=(32, 32))
     with socket.socket() as s:
