@@ -24,9 +24,13 @@ from conftest import DEMO_CONFIG
 from sample_images import write_photos, write_stylized
 
 
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
-def cluster():
-    # One cluster for the module (starting one costs ~10 s); the last test removes the GPU node.
+def cluster(no_local_ray):
+    # One cluster for the module (starting one costs ~10 s); the last test removes the GPU node. The driver
+    # joins it, so no other Ray may be up in this process (no_local_ray shuts down the shared one first).
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0})
     worker = cluster.add_node(num_cpus=2, num_gpus=2, resources={"gpu_node": 1})
     cluster.wait_for_nodes()

@@ -187,11 +187,22 @@ def test_noop_detects_unchanged_outputs(images):
     assert styled["pixel_diff"] > 0.05
 
 
-def test_nsfw_probability_is_low_on_a_portrait(images):
+def test_nsfw_probability_is_low_on_benign_photos_and_follows_the_target(images):
+    """No image that the model *should* flag can be made honestly here, so: every benign photo and stylised
+    output scores low, yet the scores are the model's own (they differ across targets by far more than noise,
+    so neither a constant nor an always-0 scorer passes), and only the target is read."""
     scorer = NSFWScorer({}, threads=1)
     scorer.setup()
-    (scores,) = _score(scorer, images, [{"content": "chelsea", "style": "coffee", "target": "astronaut"}])
-    assert 0.0 <= scores["prob"] < 0.2
+    targets = sorted(images)  # 4 photos, 2 stylised outputs, a blurred photo
+    scores = [s["prob"] for s in _score(scorer, images,
+                                        [{"content": "chelsea", "style": "coffee", "target": t} for t in targets])]
+    assert all(0.0 <= p < 0.2 for p in scores), dict(zip(targets, scores))
+    assert len({round(p, 6) for p in scores}) >= 4 and max(scores) - min(scores) > 1e-3, dict(zip(targets, scores))
+    assert max(scores) > 0.0
+    # Another content and style around the same targets: the same scores (the target alone is scored).
+    swapped = [s["prob"] for s in _score(scorer, images,
+                                         [{"content": "rocket", "style": "astronaut", "target": t} for t in targets])]
+    assert swapped == pytest.approx(scores, abs=1e-6)
     assert scorer.model_info()["sha256:open-nsfw.onnx"]
 
 

@@ -18,6 +18,7 @@ from styledistill.pipeline.run import run_pipeline
 from styledistill.schemas import manifest as mf
 from styledistill.schemas.config import ConfigError
 
+pytestmark = pytest.mark.slow  # the demo pipeline, end to end
 
 def read_manifests(run: Path) -> pd.DataFrame:
     return pd.concat([pd.read_parquet(p) for p in sorted((run / mf.SHARDS_DIR).glob("*.parquet"))],
@@ -37,7 +38,7 @@ def run_files(run: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def ray_run(sample_data, tmp_path_factory) -> Path:
+def ray_run(sample_data, tmp_path_factory, local_ray) -> Path:
     out = tmp_path_factory.mktemp("e2e") / "run"
     outcome = run_pipeline(demo_config(sample_data, out, "output.write_rejects=true"))
     assert outcome.shards >= 2
@@ -120,8 +121,8 @@ def test_indexes_and_readers(ray_run):
     assert first["__key__"] in set(df.key) and ".target.png" in first
 
 
-def test_ray_data_reads_the_shards(ray_run):
-    import ray
+def test_ray_data_reads_the_shards(ray_run, local_ray):
+    import ray.data
 
     ds = ray.data.read_webdataset(str(ray_run / mf.SHARDS_DIR), file_extensions=["tar"], decoder=None)
     rows = ds.take_all()

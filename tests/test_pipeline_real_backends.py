@@ -25,8 +25,7 @@ from styledistill.pipeline.run import run_pipeline
 from styledistill.schemas import manifest as mf
 from styledistill.schemas.config import V1_INSTRUCTION, parse_config
 from styledistill.scoring.vlm_judge import JUDGE_PROMPT
-from test_scorers_real_models import TINY_CLIP, save_tiny_dino
-from tiny_qwen import build_tiny_pipeline
+from tiny_vision import TINY_CLIP
 
 VALID_JUDGEMENT = json.dumps(
     {"style_consistency": 7, "content_preservation": 4, "image_quality": 9, "content_leakage": False}
@@ -48,17 +47,8 @@ def respond(index: int, body: dict) -> tuple[int, str, float]:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, str]:
-    import open_clip
-    import torch
-
-    root = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    clip_path = root / "tiny_clip.pt"
-    torch.save(open_clip.create_model("ViT-L-14", **TINY_CLIP).state_dict(), clip_path)
-    save_tiny_dino(root / "tiny-dinov2")
-    return {"generator": str(build_tiny_pipeline(root / "tiny-qwen-image-edit")), "clip": str(clip_path),
-            "dino": str(root / "tiny-dinov2")}
+def models(tiny_qwen_pipeline, tiny_clip_weights, tiny_dino_dir) -> dict[str, str]:
+    return {"generator": str(tiny_qwen_pipeline), "clip": tiny_clip_weights, "dino": tiny_dino_dir}
 
 
 def pipeline_config(tmp_path: Path, models: dict[str, str], server: ScriptedServer) -> dict:
@@ -105,6 +95,7 @@ def read_samples(run: Path) -> dict[str, dict[str, bytes]]:
     return samples
 
 
+@pytest.mark.slow
 def test_real_backends_end_to_end(tmp_path, models):
     write_photos(tmp_path / "photos")
     write_stylized(tmp_path / "stylized")
@@ -176,7 +167,8 @@ def test_real_backends_end_to_end(tmp_path, models):
     assert {"load", "generate", "enhance", "score", "encode"} <= set(metrics["stages"])
 
 
-def test_classify_pool_is_labelled_by_a_labeler_actor_on_ray(tmp_path, models):
+@pytest.mark.slow
+def test_classify_pool_is_labelled_by_a_labeler_actor_on_ray(tmp_path, models, local_ray):
     """An unlabelled pool goes through the CLIP labeler (tiny, random: labels here mean nothing) in its
     own Ray actor during the scan; every file of the pool ends labelled, or unlabelled with the reason."""
     from styledistill.pipeline.scan import scan_sources

@@ -1,4 +1,4 @@
-"""CLIP, CSD and DINOv2 scorers on tiny randomly initialised models built here.
+"""CLIP, CSD and DINOv2 scorers on tiny randomly initialised models (conftest builds CLIP and DINOv2).
 
 The models are random: these tests check loading, batching, wiring and the score arithmetic, never that a
 score means anything. Every test runs with outgoing connections blocked, so any hidden hub access fails.
@@ -7,6 +7,7 @@ score means anything. Every test runs with outgoing connections blocked, so any 
 from __future__ import annotations
 
 import argparse
+import shutil
 import socket
 
 import numpy as np
@@ -18,7 +19,6 @@ from huggingface_hub import constants as hf_constants
 from open_clip.transformer import QuickGELU
 from PIL import Image
 from safetensors.torch import save_file
-from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
 from styledistill.scoring.clip import (
     AestheticMLP,
@@ -29,12 +29,8 @@ from styledistill.scoring.clip import (
 )
 from styledistill.scoring.csd import CSDModel, CSDScorer
 from styledistill.scoring.dino import DinoScorer
+from tiny_vision import TINY_CLIP
 
-TINY_CLIP = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "patch_size": 16, "width": 32, "layers": 1, "head_width": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 TINY_CSD = {"width": 32, "layers": 1, "heads": 2, "embed_dim": 8}
 
 
@@ -48,15 +44,6 @@ def no_network(monkeypatch):
 
 def image(seed: int, shape=(40, 52, 3)) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
-
-
-@pytest.fixture(scope="module")
-def clip_weights(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    model = open_clip.create_model("ViT-L-14", **TINY_CLIP)
-    path = tmp_path_factory.mktemp("clip") / "tiny_clip.pt"
-    torch.save(model.state_dict(), path)
-    return str(path)
 
 
 def clip_options(weights: str, **extra) -> dict:
@@ -107,32 +94,13 @@ def fake_hf_cache(cache, repo_id: str):
     return snapshot
 
 
-def save_tiny_dino(directory) -> None:
-    torch.manual_seed(2)
-    config = Dinov2Config(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=28, patch_size=14
-    )
-    Dinov2Model(config).save_pretrained(directory)
-    BitImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28}, image_mean=[0.485, 0.456, 0.406],
-        image_std=[0.229, 0.224, 0.225],
-    ).save_pretrained(directory)
-
-
-@pytest.fixture(scope="module")
-def dino_dir(tmp_path_factory) -> str:
-    directory = tmp_path_factory.mktemp("dino") / "tiny-dinov2"
-    save_tiny_dino(directory)
-    return str(directory)
-
-
-def build(kind: str, clip_weights: str, csd_weights: str, dino_dir: str, dtype: str = "float32"):
+def build(kind: str, tiny_clip_weights: str, csd_weights: str, tiny_dino_dir: str, dtype: str = "float32"):
     if kind == "clip":
-        scorer = ClipScorer(clip_options(clip_weights, dtype=dtype))
+        scorer = ClipScorer(clip_options(tiny_clip_weights, dtype=dtype))
     elif kind == "csd":
         scorer = CSDScorer({"weights": csd_weights, "batch_size": 2, "dtype": dtype, **TINY_CSD})
     else:
-        scorer = DinoScorer({"model": dino_dir, "batch_size": 2, "dtype": dtype})
+        scorer = DinoScorer({"model": tiny_dino_dir, "batch_size": 2, "dtype": dtype})
     scorer.setup()
     return scorer
 
@@ -148,8 +116,8 @@ SCORE_KEYS = {
 
 
 @pytest.mark.parametrize("kind", ["clip", "csd", "dino"])
-def test_scores_and_embedding_shapes(kind, clip_weights, csd_weights, dino_dir):
-    scorer = build(kind, clip_weights, csd_weights, dino_dir)
+def test_scores_and_embedding_shapes(kind, tiny_clip_weights, csd_weights, tiny_dino_dir):
+    scorer = build(kind, tiny_clip_weights, csd_weights, tiny_dino_dir)
     images = {"c": image(0), "s": image(1, (64, 48, 3)), "t": image(2)}
     features = scorer.embed([images["c"], images["s"]])
     assert len(features) == 2
@@ -171,8 +139,8 @@ def test_scores_and_embedding_shapes(kind, clip_weights, csd_weights, dino_dir):
 
 
 @pytest.mark.parametrize("kind", ["clip", "csd", "dino"])
-def test_each_distinct_image_embedded_once_in_batches(kind, clip_weights, csd_weights, dino_dir):
-    scorer = build(kind, clip_weights, csd_weights, dino_dir)
+def test_each_distinct_image_embedded_once_in_batches(kind, tiny_clip_weights, csd_weights, tiny_dino_dir):
+    scorer = build(kind, tiny_clip_weights, csd_weights, tiny_dino_dir)
     # Patch the model call that sees pixels, to count the images that reach it and how they are batched.
     if kind == "clip":
         owner, attribute = scorer.clip.model, "encode_image"
@@ -201,9 +169,9 @@ def test_each_distinct_image_embedded_once_in_batches(kind, clip_weights, csd_we
 
 
 @pytest.mark.parametrize("kind", ["clip", "csd", "dino"])
-def test_bfloat16_embeddings_match_float32(kind, clip_weights, csd_weights, dino_dir):
-    full = build(kind, clip_weights, csd_weights, dino_dir)
-    half = build(kind, clip_weights, csd_weights, dino_dir, dtype="bfloat16")
+def test_bfloat16_embeddings_match_float32(kind, tiny_clip_weights, csd_weights, tiny_dino_dir):
+    full = build(kind, tiny_clip_weights, csd_weights, tiny_dino_dir)
+    half = build(kind, tiny_clip_weights, csd_weights, tiny_dino_dir, dtype="bfloat16")
     pictures = [image(0), image(1)]
     for a, b in zip(full.embed(pictures), half.embed(pictures)):
         a, b = (a.embedding, b.embedding) if kind == "clip" else (a, b)
@@ -214,12 +182,12 @@ def test_bfloat16_embeddings_match_float32(kind, clip_weights, csd_weights, dino
 # --- CLIP --------------------------------------------------------------------------------------------------
 
 
-def test_clip_aesthetic_uses_the_public_checkpoint_layout(tmp_path, clip_weights):
+def test_clip_aesthetic_uses_the_public_checkpoint_layout(tmp_path, tiny_clip_weights):
     torch.manual_seed(3)
     mlp = AestheticMLP(input_size=16)
     assert set(mlp.state_dict()) == {f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias")}
     torch.save(mlp.state_dict(), tmp_path / "aesthetic.pth")
-    scorer = ClipScorer(clip_options(clip_weights, aesthetic_weights=str(tmp_path / "aesthetic.pth")))
+    scorer = ClipScorer(clip_options(tiny_clip_weights, aesthetic_weights=str(tmp_path / "aesthetic.pth")))
     scorer.setup()
 
     images = {"c": image(0), "s": image(1), "t": image(2)}
@@ -230,9 +198,9 @@ def test_clip_aesthetic_uses_the_public_checkpoint_layout(tmp_path, clip_weights
     assert "aesthetic_weights_sha256" in scorer.model_info()
 
 
-def test_clip_aesthetic_rejects_an_mlp_for_another_embedding_size(tmp_path, clip_weights):
+def test_clip_aesthetic_rejects_an_mlp_for_another_embedding_size(tmp_path, tiny_clip_weights):
     torch.save(AestheticMLP(input_size=768).state_dict(), tmp_path / "l14.pth")
-    scorer = ClipScorer(clip_options(clip_weights, aesthetic_weights=str(tmp_path / "l14.pth")))
+    scorer = ClipScorer(clip_options(tiny_clip_weights, aesthetic_weights=str(tmp_path / "l14.pth")))
     with pytest.raises(ValueError, match="l14.pth"):
         scorer.setup()
 
@@ -252,8 +220,8 @@ def test_label_for_abstains_inside_the_band():
     assert label_for(0.35, band) is None and label_for(0.5, band) is None and label_for(0.65, band) is None
 
 
-def test_labeler_with_injected_embeddings(clip_weights):
-    labeler = ClipLabeler(clip_options(clip_weights, abstain=[0.35, 0.65]))
+def test_labeler_with_injected_embeddings(tiny_clip_weights):
+    labeler = ClipLabeler(clip_options(tiny_clip_weights, abstain=[0.35, 0.65]))
     labeler.setup()
     assert labeler.clip.realistic_text.shape == (16,)
     # Replace the learned text and image embeddings so the expected labels are known.
@@ -279,15 +247,28 @@ def test_labeler_rejects_an_inverted_band():
         ClipLabeler({"abstain": [0.7, 0.3]})
 
 
-def test_labeler_on_real_pixels_returns_probabilities(clip_weights):
-    labeler = ClipLabeler(clip_options(clip_weights))
+def test_labeler_on_real_pixels_gives_the_sample_images_their_true_labels(tiny_clip_weights, sample_data):
+    """The tiny CLIP is random, so its prompt embeddings mean nothing: they are replaced by the embeddings of
+    one photo and one stylized image of the sample set, and the labeler, reading those images again from their
+    pixels (in batches shared with the other class), must give each its folder's label."""
+    labeler = ClipLabeler(clip_options(tiny_clip_weights))  # default band: abstain on 0.35..0.65; batches of 2
     labeler.setup()
     assert labeler.label([]) == []
-    results = labeler.label([image(0), image(1)])
-    assert len(results) == 2
-    for label, prob in results:
-        assert 0.0 <= prob <= 1.0
-        assert label == label_for(prob, (0.35, 0.65))
+    for label, prob in labeler.label([image(0), image(1)]):  # the random prompts: a probability, some answer
+        assert 0.0 <= prob <= 1.0 and label in ("realistic", "stylized", None)
+
+    truth = {"realistic": sample_data / "realistic" / "chelsea.jpg",
+             "stylized": sorted((sample_data / "stylized").glob("*.jpg"))[0]}
+    pixels = {label: np.asarray(Image.open(path).convert("RGB")) for label, path in truth.items()}
+    with torch.no_grad():
+        exemplar = {label: labeler.clip.encode_images([pixels[label]])[0] for label in truth}
+    labeler.clip.realistic_text, labeler.clip.stylized_text = exemplar["realistic"], exemplar["stylized"]
+    labeler.clip.logit_scale = 100.0  # CLIP's trained value; the random model's is 1/0.07
+    order = ["stylized", "realistic", "realistic", "stylized", "realistic"]
+    results = labeler.label([pixels[label] for label in order])
+    assert [label for label, _ in results] == order
+    for expected, (_, prob) in zip(order, results):
+        assert prob > 0.65 if expected == "stylized" else prob < 0.35
 
 
 def test_clip_missing_weights_file_names_the_path(tmp_path):
@@ -306,11 +287,11 @@ def test_clip_tag_only_from_the_local_cache(tmp_path, monkeypatch):
         scorer.setup()
 
 
-def test_clip_tag_resolves_from_the_cache_with_the_tags_settings(tmp_path, monkeypatch, clip_weights):
+def test_clip_tag_resolves_from_the_cache_with_the_tags_settings(tmp_path, monkeypatch, tiny_clip_weights):
     """open_clip's `openai` tag lives in a timm repo and was trained with QuickGELU; both must be honoured."""
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path))
     snapshot = fake_hf_cache(tmp_path, "timm/vit_large_patch14_clip_224.openai")
-    save_file(torch.load(clip_weights), snapshot / "open_clip_model.safetensors")
+    save_file(torch.load(tiny_clip_weights), snapshot / "open_clip_model.safetensors")
     scorer = ClipScorer(clip_options("openai"))
     scorer.setup()
     assert isinstance(scorer.clip.model.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
@@ -379,8 +360,8 @@ def test_csd_missing_weights_names_the_path(tmp_path, monkeypatch):
 # --- DINOv2 ------------------------------------------------------------------------------------------------
 
 
-def test_dino_embedding_is_the_normalised_cls_token(dino_dir):
-    scorer = DinoScorer({"model": dino_dir})
+def test_dino_embedding_is_the_normalised_cls_token(tiny_dino_dir):
+    scorer = DinoScorer({"model": tiny_dino_dir})
     scorer.setup()
     picture = image(7)
     [embedding] = scorer.embed([picture])
@@ -396,12 +377,12 @@ def test_dino_missing_directory_names_the_path(tmp_path):
         DinoScorer({"model": str(missing)}).setup()
 
 
-def test_dino_repo_id_resolves_from_the_offline_cache(tmp_path, monkeypatch):
+def test_dino_repo_id_resolves_from_the_offline_cache(tmp_path, monkeypatch, tiny_dino_dir):
     """With HF_HUB_OFFLINE=1 a cached repo id loads and an uncached one fails at once, naming the id."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path))
-    save_tiny_dino(fake_hf_cache(tmp_path, "styledistill-test/tiny-dinov2"))
+    shutil.copytree(tiny_dino_dir, fake_hf_cache(tmp_path, "styledistill-test/tiny-dinov2"), dirs_exist_ok=True)
 
     scorer = DinoScorer({"model": "styledistill-test/tiny-dinov2"})
     scorer.setup()

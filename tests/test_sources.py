@@ -6,7 +6,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 from PIL import Image
 
 from styledistill.pipeline.scan import scan_sources
@@ -223,19 +222,13 @@ def test_manifest_label_errors_become_failed_rows(tmp_path):
     assert rows["error"].iloc[2] == f"file not found: {tmp_path / 'imgs' / 'gone.jpg'}"
 
 
-def test_scan_on_ray_matches_in_process(pools):
+@pytest.mark.slow  # starts the local Ray when it is the first test to need one
+def test_scan_on_ray_matches_in_process(pools, local_ray):
     config = _config(
         {"uri": str(pools / "real"), "label": "realistic"}, {"uri": str(pools / "styl"), "label": "stylized"}
     )
     local = scan_sources(config, str(pools / "local"))
-    started = not ray.is_initialized()  # another test module may already have Ray up: then share it
-    if started:
-        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    try:
-        remote = scan_sources(config, str(pools / "remote"), use_ray=True)
-    finally:
-        if started:
-            ray.shutdown()
+    remote = scan_sources(config, str(pools / "remote"), use_ray=True)
     assert remote == local
     pd.testing.assert_frame_equal(_rows(str(pools / "remote")), _rows(str(pools / "local")))
 

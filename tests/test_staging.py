@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -15,7 +16,6 @@ from styledistill.generation.telestyle import resolve_model
 from styledistill.io import staging
 from styledistill.io.staging import COMPLETE_MARKER, is_remote, local_copy, staged
 from styledistill.scoring.dino import DinoScorer
-from test_scorers_real_models import save_tiny_dino
 
 
 @pytest.fixture(autouse=True)
@@ -123,11 +123,9 @@ def test_missing_remote_weights_name_what_and_where(remote):
         local_copy(f"{base}/csd.bin", "CSD")
 
 
-def test_backends_resolve_remote_weights_through_the_cache(tmp_path, remote, cache):
+def test_backends_resolve_remote_weights_through_the_cache(tmp_path, remote, cache, tiny_dino_dir):
     fs, base = remote
-    dino = tmp_path / "tiny-dinov2"
-    save_tiny_dino(dino)
-    for path in dino.iterdir():
+    for path in Path(tiny_dino_dir).iterdir():
         fs.pipe(f"{base}/tiny-dinov2/{path.name}", path.read_bytes())
     scorer = DinoScorer({"model": f"{base}/tiny-dinov2", "batch_size": 2})
     scorer.setup()

@@ -1,7 +1,8 @@
 """TeleStyle generator on a tiny random Qwen-Image-Edit-Plus pipeline, CPU and offline.
 
-The pipeline is built once per session and loaded by the backend from disk like real weights. Its weights
-are random: these tests check wiring (sizes, order, prompt, seed, LoRA application), never image quality.
+The pipeline is built once per session (conftest's `tiny_qwen_pipeline`) and loaded by the backend from disk
+like real weights. Its weights are random: these tests check wiring (sizes, order, prompt, seed, LoRA
+application), never image quality.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import pytest
 import torch
 from huggingface_hub import constants as hf_constants
 from safetensors.torch import save_file
-from tiny_qwen import build_tiny_pipeline
 
 from styledistill.generation.base import GenerationRequest
 from styledistill.generation.lora import LoraLoadError, lora_layer_names, to_diffusers_lora
@@ -27,14 +27,9 @@ PROMPT = "Style Transfer the style of Figure 2 to Figure 1, and keep the content
 LORA_MODULES = [f"transformer_blocks.{i}.attn.{p}" for i in (0, 1) for p in ("to_q", "to_k", "to_v", "to_out.0")]
 
 
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory) -> Path:
-    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-qwen-image-edit-plus"))
-
-
-def make_generator(model_dir: Path | str, **options) -> TeleStyleGenerator:
+def make_generator(model: Path | str, **options) -> TeleStyleGenerator:
     # A 28x28 VLM view keeps the tiny vision tower cheap; references are VAE-encoded at their own size.
-    generator = TeleStyleGenerator({"model": str(model_dir), "condition_image_size": 28, **options}, device="cpu")
+    generator = TeleStyleGenerator({"model": str(model), "condition_image_size": 28, **options}, device="cpu")
     generator.setup()
     return generator
 
@@ -83,15 +78,15 @@ class PipelineSpy:
         return getattr(self.pipe, name)
 
 
-def test_outputs_have_the_content_size(model_dir):
-    generator = make_generator(model_dir)
+def test_outputs_have_the_content_size(tiny_qwen_pipeline):
+    generator = make_generator(tiny_qwen_pipeline)
     outputs = generator.generate([request(content_size=(48, 64)), request(content_size=(64, 32))])
     assert [o.shape for o in outputs] == [(48, 64, 3), (64, 32, 3)]
     assert all(o.dtype == np.uint8 for o in outputs)
 
 
-def test_pipeline_gets_content_then_style_the_prompt_and_the_seed(model_dir):
-    generator = make_generator(model_dir, steps=2)
+def test_pipeline_gets_content_then_style_the_prompt_and_the_seed(tiny_qwen_pipeline):
+    generator = make_generator(tiny_qwen_pipeline, steps=2)
     generator.pipe = spy = PipelineSpy(generator.pipe)
     requests = [request(seed=7), GenerationRequest(random_image(32, 48, 5), random_image(48, 32, 6), 99, "other")]
     generator.generate(requests)
@@ -109,17 +104,17 @@ def test_pipeline_gets_content_then_style_the_prompt_and_the_seed(model_dir):
         assert call["references"].vae_sizes == [content.size, style.size]
 
 
-def test_same_seed_same_bytes_other_seed_other_bytes(model_dir):
-    generator = make_generator(model_dir)
+def test_same_seed_same_bytes_other_seed_other_bytes(tiny_qwen_pipeline):
+    generator = make_generator(tiny_qwen_pipeline)
     first, again, other = generator.generate([request(seed=3), request(seed=3), request(seed=4)])
     assert first.tobytes() == again.tobytes()
     assert first.tobytes() != other.tobytes()
 
 
-def test_diffsynth_lora_is_applied_and_verified(model_dir, tmp_path):
+def test_diffsynth_lora_is_applied_and_verified(tiny_qwen_pipeline, tmp_path):
     lora = write_lora(tmp_path / "diffsynth_telestyle.safetensors")
-    base = make_generator(model_dir).generate([request()])[0]
-    styled = make_generator(model_dir, loras=[{"path": str(lora), "name": "telestyle"}])
+    base = make_generator(tiny_qwen_pipeline).generate([request()])[0]
+    styled = make_generator(tiny_qwen_pipeline, loras=[{"path": str(lora), "name": "telestyle"}])
 
     (loaded,) = styled.loras
     assert loaded.target_modules == loaded.lora_layers == len(LORA_MODULES)
@@ -127,11 +122,12 @@ def test_diffsynth_lora_is_applied_and_verified(model_dir, tmp_path):
     assert f"diffsynth_telestyle.safetensors@sha256:{loaded.sha256[:16]}*1" in styled.model_info()["loras"]
 
 
-def test_every_key_format_gives_the_same_output(model_dir, tmp_path):
+def test_every_key_format_gives_the_same_output(tiny_qwen_pipeline, tmp_path):
     outputs = []
     for fmt in LORA_KEY_FORMATS:
         path = write_lora(tmp_path / f"{fmt}.safetensors", fmt=fmt)
-        outputs.append(make_generator(model_dir, loras=[{"path": str(path), "name": fmt}]).generate([request()])[0])
+        generator = make_generator(tiny_qwen_pipeline, loras=[{"path": str(path), "name": fmt}])
+        outputs.append(generator.generate([request()])[0])
     assert all(output.tobytes() == outputs[0].tobytes() for output in outputs)
 
 
@@ -144,40 +140,40 @@ def test_alpha_is_folded_into_lora_a():
     torch.testing.assert_close(converted["transformer.m.lora_A.weight"], down * 0.5)
 
 
-def test_lora_matching_no_module_is_refused(model_dir, tmp_path):
+def test_lora_matching_no_module_is_refused(tiny_qwen_pipeline, tmp_path):
     foreign = write_lora(tmp_path / "flux_lora.safetensors", modules=["single_transformer_blocks.0.attn.to_q"])
     with pytest.raises(LoraLoadError, match=r"flux_lora\.safetensors: none of its 1 target modules"):
-        make_generator(model_dir, loras=[{"path": str(foreign), "name": "style"}])
+        make_generator(tiny_qwen_pipeline, loras=[{"path": str(foreign), "name": "style"}])
 
 
-def test_unrecognised_key_format_is_refused(model_dir, tmp_path):
+def test_unrecognised_key_format_is_refused(tiny_qwen_pipeline, tmp_path):
     path = tmp_path / "kohya.safetensors"
     save_file({"lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight": torch.zeros(4, 48)}, str(path))
     with pytest.raises(LoraLoadError, match=r"kohya\.safetensors: kohya-style key"):
-        make_generator(model_dir, loras=[{"path": str(path), "name": "style"}])
+        make_generator(tiny_qwen_pipeline, loras=[{"path": str(path), "name": "style"}])
     path = tmp_path / "full_weights.safetensors"
     save_file({"transformer_blocks.0.attn.to_q.weight": torch.zeros(48, 48)}, str(path))
     with pytest.raises(LoraLoadError, match=r"full_weights\.safetensors: unrecognised key"):
-        make_generator(model_dir, loras=[{"path": str(path), "name": "style"}])
+        make_generator(tiny_qwen_pipeline, loras=[{"path": str(path), "name": "style"}])
 
 
-def test_partly_matching_lora_strict_refuses_lenient_counts(model_dir, tmp_path):
+def test_partly_matching_lora_strict_refuses_lenient_counts(tiny_qwen_pipeline, tmp_path):
     path = write_lora(tmp_path / "partial.safetensors", modules=[*LORA_MODULES, "transformer_blocks.7.attn.to_q"])
     with pytest.raises(LoraLoadError, match=r"1 of its 9 target modules do not exist.*transformer_blocks\.7"):
-        make_generator(model_dir, loras=[{"path": str(path), "name": "style"}])
+        make_generator(tiny_qwen_pipeline, loras=[{"path": str(path), "name": "style"}])
 
-    lenient = make_generator(model_dir, loras=[{"path": str(path), "name": "style"}], strict_loras=False)
+    lenient = make_generator(tiny_qwen_pipeline, loras=[{"path": str(path), "name": "style"}], strict_loras=False)
     (loaded,) = lenient.loras
     assert (loaded.target_modules, loaded.lora_layers) == (9, 8)
 
 
-def test_fused_adapters_match_unfused(model_dir, tmp_path):
+def test_fused_adapters_match_unfused(tiny_qwen_pipeline, tmp_path):
     loras = [
         {"path": str(write_lora(tmp_path / "style.safetensors", seed=1)), "name": "style", "weight": 0.5},
         {"path": str(write_lora(tmp_path / "lightning.safetensors", seed=2)), "name": "lightning"},
     ]
-    unfused = make_generator(model_dir, loras=loras).generate([request()])[0]
-    fused = make_generator(model_dir, loras=loras, fuse_loras=True)
+    unfused = make_generator(tiny_qwen_pipeline, loras=loras).generate([request()])[0]
+    fused = make_generator(tiny_qwen_pipeline, loras=loras, fuse_loras=True)
     assert lora_layer_names(fused.pipe.transformer, "style") == set()  # merged, then the layers dropped
     difference = np.abs(fused.generate([request()])[0].astype(int) - unfused.astype(int))
     assert difference.max() <= 2  # float rounding of merged vs separate matmuls
@@ -192,12 +188,12 @@ def test_missing_model_is_named(tmp_path):
         make_generator(tmp_path / "not-a-pipeline")
 
 
-def test_hub_ids_resolve_only_from_the_local_cache(model_dir, tmp_path, monkeypatch):
+def test_hub_ids_resolve_only_from_the_local_cache(tiny_qwen_pipeline, tmp_path, monkeypatch):
     # A hub cache holding "org/tiny-edit" at one revision; no network at all.
     revision = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hub" / "models--org--tiny-edit"
     (repo / "snapshots").mkdir(parents=True)
-    (repo / "snapshots" / revision).symlink_to(model_dir, target_is_directory=True)
+    (repo / "snapshots" / revision).symlink_to(tiny_qwen_pipeline, target_is_directory=True)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
@@ -216,8 +212,8 @@ def test_hub_ids_resolve_only_from_the_local_cache(model_dir, tmp_path, monkeypa
         make_generator("org/absent")
 
 
-def test_reference_sizes(model_dir):
-    pipe = TeleStyleEditPipeline.from_pretrained(model_dir, local_files_only=True)
+def test_reference_sizes(tiny_qwen_pipeline):
+    pipe = TeleStyleEditPipeline.from_pretrained(tiny_qwen_pipeline, local_files_only=True)
     images = [PIL.Image.new("RGB", (64, 48)), PIL.Image.new("RGB", (44, 36))]
 
     # Cropped down to the packing grid: VAE factor x 2 latent patches, 8 pixels here (16 for the real VAE).
@@ -233,11 +229,11 @@ def test_reference_sizes(model_dir):
 
 
 @pytest.mark.parametrize("true_cfg_scale", [1.0, 2.5])
-def test_edit_reproduces_the_diffusers_call(model_dir, monkeypatch, true_cfg_scale):
+def test_edit_reproduces_the_diffusers_call(tiny_qwen_pipeline, monkeypatch, true_cfg_scale):
     """With diffusers' size rule, `edit` is the parent's `__call__` (sizes shrunk for speed)."""
     monkeypatch.setattr(qwen_edit_plus, "VAE_IMAGE_SIZE", 64 * 64)
     monkeypatch.setattr(qwen_edit_plus, "CONDITION_IMAGE_SIZE", 28 * 28)
-    pipe = TeleStyleEditPipeline.from_pretrained(model_dir, local_files_only=True)
+    pipe = TeleStyleEditPipeline.from_pretrained(tiny_qwen_pipeline, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     images = [PIL.Image.fromarray(random_image(48, 64, 1)), PIL.Image.fromarray(random_image(32, 32, 2))]
     kwargs = dict(prompt=PROMPT, height=48, width=64, num_inference_steps=3, true_cfg_scale=true_cfg_scale)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from tiny_qwen import build_tiny_pipeline
 
 from conftest import demo_config
 from styledistill.jobs.train.config import DataConfig, SFTConfig
@@ -17,6 +16,8 @@ from styledistill.jobs.train.data import TripletLoader
 from styledistill.jobs.train.sft import SFTTrainer
 from styledistill.pipeline.run import run_pipeline
 from styledistill.schemas import manifest as mf
+
+pytestmark = pytest.mark.slow  # a pipeline run read by the trainer, end to end
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +65,8 @@ def test_loader_reads_exactly_the_accepted_samples(run, use_wids):
         assert item["instruction"] == texts[item["key"]]
 
 
-def test_one_sft_step_on_pipeline_output(run, tmp_path):
-    pipe = build_tiny_pipeline(tmp_path / "pipe")
+def test_one_sft_step_on_pipeline_output(run, tmp_path, tiny_qwen_pipeline):
+    pipe = tiny_qwen_pipeline
     trainer = SFTTrainer(SFTConfig.model_validate(dict(
         output_dir=str(tmp_path / "out"), data={"run": str(run), "area": 64 * 64, "shuffle_buffer": 0},
         model={"path": str(pipe), "dtype": "float32", "condition_area": 64 * 64},

@@ -1,8 +1,8 @@
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
-from tiny_qwen import build_tiny_pipeline
 from tiny_train_models import write_run
 
 from styledistill.jobs.train.config import SFTConfig
@@ -28,8 +28,9 @@ def _worker(rank: int, world: int, port: int, pipe: str, run: str, out: str) -> 
     torch.save({"lora": lora_state_dict(trainer.transformer, ADAPTER), "keys": keys}, f"{out}/rank{rank}-result.pt")
 
 
-def test_two_process_gloo_sft_keeps_ranks_in_sync(tmp_path):
-    pipe, run = build_tiny_pipeline(tmp_path / "pipe"), write_run(tmp_path / "run", shards=2, per_shard=2, size=(32, 32))
+@pytest.mark.slow  # two training processes, end to end
+def test_two_process_gloo_sft_keeps_ranks_in_sync(tmp_path, tiny_qwen_pipeline):
+    pipe, run = tiny_qwen_pipeline, write_run(tmp_path / "run", shards=2, per_shard=2, size=(32, 32))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

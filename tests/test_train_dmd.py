@@ -3,7 +3,6 @@ import shutil
 
 import pytest
 import torch
-from tiny_qwen import build_tiny_pipeline
 from tiny_train_models import write_run
 
 from styledistill.jobs.train.config import DMDConfig
@@ -11,9 +10,9 @@ from styledistill.jobs.train.dmd import CRITIC, STUDENT, TEACHER, DMDTrainer
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, tiny_qwen_pipeline):
     root = tmp_path_factory.mktemp("dmd")
-    return build_tiny_pipeline(root / "pipe"), write_run(root / "run", shards=1, per_shard=3, size=(32, 32))
+    return tiny_qwen_pipeline, write_run(root / "run", shards=1, per_shard=3, size=(32, 32))
 
 
 def _config(tiny, out, **kw):

@@ -3,7 +3,6 @@ import json
 import pytest
 import torch
 from diffusers import QwenImageEditPlusPipeline
-from tiny_qwen import build_tiny_pipeline
 from tiny_train_models import write_run
 
 from styledistill.jobs.train import flow
@@ -13,9 +12,9 @@ from styledistill.jobs.train.sft import ADAPTER, SFTTrainer
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, tiny_qwen_pipeline):
     root = tmp_path_factory.mktemp("sft")
-    return build_tiny_pipeline(root / "pipe"), write_run(root / "run", shards=1, per_shard=1, size=(32, 32))
+    return tiny_qwen_pipeline, write_run(root / "run", shards=1, per_shard=1, size=(32, 32))
 
 
 def _config(tiny, out, **kw):

@@ -1,6 +1,5 @@
 import torch
 from diffusers import QwenImageEditPlusPipeline
-from tiny_qwen import build_tiny_pipeline
 from tiny_train_models import write_run
 
 from styledistill.jobs.train.config import DMDConfig, SFTConfig
@@ -9,8 +8,8 @@ from styledistill.jobs.train.model import predict_velocity
 from styledistill.jobs.train.sft import SFTTrainer
 
 
-def test_dmd_teacher_is_base_plus_fused_sft_lora(tmp_path):
-    pipe, run = build_tiny_pipeline(tmp_path / "pipe"), write_run(tmp_path / "run", shards=1, per_shard=1, size=(32, 32))
+def test_dmd_teacher_is_base_plus_fused_sft_lora(tmp_path, tiny_qwen_pipeline):
+    pipe, run = tiny_qwen_pipeline, write_run(tmp_path / "run", shards=1, per_shard=1, size=(32, 32))
     common = dict(data={"run": str(run), "area": 32 * 32, "shuffle_buffer": 0},
                   model={"path": str(pipe), "dtype": "float32", "cache_conditioning": True},
                   max_steps=3, mixed_precision="no", cpu=True, checkpoint_every=1000)  # fmt: skip
