@@ -67,6 +67,14 @@ def tiny_clip_weights(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_csd_weights(tmp_path_factory) -> str:
+    """A tiny random CSD checkpoint in the released training-checkpoint layout."""
+    from tiny_vision import tiny_csd_state, write_csd_checkpoint
+
+    return str(write_csd_checkpoint(tmp_path_factory.mktemp("tiny-csd") / "pytorch_model.bin", tiny_csd_state()))
+
+
+@pytest.fixture(scope="session")
 def tiny_dino_dir(tmp_path_factory) -> str:
     """A tiny random DINOv2 folder (model and image processor)."""
     from tiny_vision import save_tiny_dino

@@ -6,7 +6,6 @@ score means anything. Every test runs with outgoing connections blocked, so any 
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import socket
 
@@ -27,12 +26,9 @@ from styledistill.scoring.clip import (
     label_for,
     stylized_probability,
 )
-from styledistill.scoring.csd import CSDModel, CSDScorer
+from styledistill.scoring.csd import CSDScorer
 from styledistill.scoring.dino import DinoScorer
-from tiny_vision import TINY_CLIP
-
-TINY_CSD = {"width": 32, "layers": 1, "heads": 2, "embed_dim": 8}
-
+from tiny_vision import TINY_CLIP, TINY_CSD, tiny_csd_state, write_csd_checkpoint
 
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
@@ -50,37 +46,14 @@ def clip_options(weights: str, **extra) -> dict:
     return {"model": "ViT-L-14", "pretrained": weights, "model_cfg": TINY_CLIP, "batch_size": 2, **extra}
 
 
-def write_csd_checkpoint(path, state: dict[str, torch.Tensor]) -> None:
-    """The released training-checkpoint layout: `module.` prefixes, plus non-weight entries."""
-    torch.save(
-        {
-            "model_state_dict": {f"module.{key}": value for key, value in state.items()},
-            "opt_bb": {},
-            "opt_proj": {},
-            "iter": 1000,
-            "args": argparse.Namespace(lr=np.float64(3e-4), batch_size=np.int64(64), arch="vit_large"),
-            "fp16_scaler": None,
-        },
-        path,
-    )
-
-
 @pytest.fixture(scope="module")
 def csd_state() -> dict[str, torch.Tensor]:
-    torch.manual_seed(1)
-    model = CSDModel(**TINY_CSD)
-    torch.nn.init.normal_(model.last_layer_style)
-    torch.nn.init.normal_(model.last_layer_content)
-    # Content head first, so anything relying on entry order would pick the wrong one.
-    state = model.state_dict()
-    return {"last_layer_content": state.pop("last_layer_content"), **state}
+    return tiny_csd_state()
 
 
 @pytest.fixture(scope="module")
-def csd_weights(tmp_path_factory, csd_state) -> str:
-    path = tmp_path_factory.mktemp("csd") / "pytorch_model.bin"
-    write_csd_checkpoint(path, csd_state)
-    return str(path)
+def csd_weights(tiny_csd_weights) -> str:
+    return tiny_csd_weights
 
 
 def fake_hf_cache(cache, repo_id: str):

@@ -1,4 +1,4 @@
-"""Tiny random CLIP (open_clip ViT-L-14 layout) and DINOv2 models, built offline and saved like real weights.
+"""Tiny random CLIP (open_clip ViT-L-14 layout), CSD and DINOv2 models, built offline and saved like real weights.
 
 The weights are random (fixed seeds): only loading, batching, wiring and score arithmetic mean anything.
 """
@@ -39,3 +39,38 @@ def save_tiny_dino(directory: str | Path) -> Path:
         image_std=[0.229, 0.224, 0.225],
     ).save_pretrained(directory)
     return Path(directory)
+
+
+TINY_CSD = {"width": 32, "layers": 1, "heads": 2, "embed_dim": 8}
+
+
+def tiny_csd_state() -> dict[str, torch.Tensor]:
+    """A tiny random CSD's state dict, content head first (anything relying on entry order picks wrong)."""
+    from styledistill.scoring.csd import CSDModel
+
+    torch.manual_seed(1)
+    model = CSDModel(**TINY_CSD)
+    torch.nn.init.normal_(model.last_layer_style)
+    torch.nn.init.normal_(model.last_layer_content)
+    state = model.state_dict()
+    return {"last_layer_content": state.pop("last_layer_content"), **state}
+
+
+def write_csd_checkpoint(path: str | Path, state: dict[str, torch.Tensor]) -> Path:
+    """The released training-checkpoint layout: `module.` prefixes, plus non-weight entries."""
+    import argparse
+
+    import numpy as np
+
+    torch.save(
+        {
+            "model_state_dict": {f"module.{key}": value for key, value in state.items()},
+            "opt_bb": {},
+            "opt_proj": {},
+            "iter": 1000,
+            "args": argparse.Namespace(lr=np.float64(3e-4), batch_size=np.int64(64), arch="vit_large"),
+            "fp16_scaler": None,
+        },
+        path,
+    )
+    return Path(path)

@@ -31,6 +31,14 @@ def reference_cosines(features: dict[str, np.ndarray]) -> tuple[float, float]:
     return float(features["content"] @ target), float(features["style"] @ target)
 
 
+def check_image(image: np.ndarray, name: str) -> None:
+    """A scorer's input must be a non-empty HxWx3 uint8 image; some models would score anything."""
+    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+            and image.shape[0] > 0 and image.shape[1] > 0):
+        shape = getattr(image, "shape", None)
+        raise ValueError(f"image {name}: expected a non-empty HxWx3 uint8 array, got {shape}")
+
+
 class Scorer(Backend):
     """Subclasses set `name` (their registry key and score prefix), `scores` (the names they write),
     `Options`, and implement `setup` and `score_views`."""
@@ -66,5 +74,7 @@ class EmbeddingScorer(Scorer):
 
     def score_views(self, views, images, prior):
         ids = sorted({view[role] for view in views for role in self.roles})
+        for image_id in ids:
+            check_image(images[image_id], image_id)
         features = dict(zip(ids, self.embed([images[i] for i in ids]))) if ids else {}
         return [ViewScores(self.compare({r: features[v[r]] for r in self.roles})) for v in views]
