@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from styledistill.filters.decide import decide
+from styledistill.filters.decide import band, decide, generation_reasons
 from styledistill.io import uris
 from styledistill.report.summary import manifest_rows, score_column
 from styledistill.schemas import manifest as mf
@@ -303,45 +303,188 @@ def _subset(rows: list[dict], column: str, recipes: Iterable[str] | None) -> tup
     return np.asarray(values, dtype=np.float64), np.asarray(labels, dtype=bool)
 
 
-def suggest_rule(rule: Rule, rows: list[dict], recipes: list[str], target: float) -> dict[str, Any]:
-    """The rule with its threshold re-fitted on the labelled samples it applies to (and per recipe where
-    those labels allow); kept as configured where they do not."""
-    column = score_column(rule.score)
-    scope = list(rule.recipes) if rule.recipes is not None else None
-    pooled = analyse_score(*_subset(rows, column, scope), target)
-    new = _rule_dict(rule)
-    notes: list[str] = []
-    found = suggested_threshold(pooled)
-    if found is not None and not pooled["separates"]:
-        found = None
-        notes.append(f"kept: the score does not separate the labels (AUC {_fmt(pooled['auc'])}, interval "
-                     f"[{_fmt(pooled['auc_interval'][0])}, {_fmt(pooled['auc_interval'][1])}] contains 0.5)")
-    elif found is None:
-        notes.append("kept: " + (pooled["refused"] or f"no threshold reaches precision {target}"))
-    else:
-        threshold, which, interval = found
-        bound, other = pooled["bound"], "max" if pooled["bound"] == "min" else "min"
-        configured = getattr(rule, bound)
-        if configured is None and getattr(rule, other) is not None:
-            notes.append(f"direction from the labels: {pooled['direction']} (the config had a {other} bound)")
-            new.pop(other, None)
-        new[bound] = threshold
-        span = f" [{_fmt(interval[0])}, {_fmt(interval[1])}]" if interval else ""
-        notes.append(f"{bound} {_fmt(threshold)}{span} ({'precision ' + str(target) if which == 'at_precision' else 'best F1'}),"
-                     f" was {_fmt(configured)}")
-    per_recipe: dict[str, Any] = {}
-    for recipe in (scope or recipes):
-        analysis = analyse_score(*_subset(rows, column, [recipe]), target)
-        per_recipe[recipe] = analysis
-        found_r = suggested_threshold(analysis)
-        if found is None or found_r is None or analysis["bound"] != pooled["bound"] or not analysis["separates"]:
+class _Coordinate:
+    """One configured rule whose bound is re-fitted: per labelled sample, whether it passes at each candidate
+    threshold (vectorised; a per-recipe override of that bound stays as configured)."""
+
+    def __init__(self, rule: Rule, rows: list[dict], bound: str):
+        self.rule, self.bound = rule, bound
+        column = score_column(rule.score)
+        values = np.array([np.nan if row.get(column) is None else row[column] for row in rows], dtype=np.float64)
+        in_scope = np.array([rule.recipes is None or row["recipe"] in rule.recipes for row in rows])
+        override = np.array([rule.per_recipe.get(row["recipe"], {}).get(bound, np.nan)
+                             if bound in rule.per_recipe.get(row["recipe"], {}) else np.nan for row in rows],
+                            dtype=np.float64)
+        self.has_override = ~np.isnan(override) | np.array(
+            [bound in rule.per_recipe.get(row["recipe"], {}) and rule.per_recipe[row["recipe"]][bound] is None
+             for row in rows])
+        other = "max" if bound == "min" else "min"
+        other_limit = np.array([(band(rule, row["recipe"]) or (None, None))[other == "max"] for row in rows],
+                               dtype=object)
+        finite = np.isfinite(values)
+        # What does not depend on the candidate: outside the scope passes; a missing score passes if allowed;
+        # the configured other bound still applies.
+        self.fixed = np.where(in_scope, np.where(finite, True, rule.allow_missing), True)
+        for i, limit in enumerate(other_limit):
+            if in_scope[i] and finite[i] and limit is not None:
+                self.fixed[i] &= values[i] <= limit if other == "max" else values[i] >= limit
+        self.tuned = in_scope & finite & ~self.has_override
+        self.override_pass = np.where(in_scope & finite & self.has_override & ~np.isnan(override),
+                                      (values >= override) if bound == "min" else (values <= override), True)
+        self.values = values
+        distinct = np.unique(values[self.tuned])
+        if bound == "min":  # the first candidate passes every labelled sample, then the midpoints upwards
+            self.candidates = np.r_[distinct[:1], (distinct[1:] + distinct[:-1]) / 2]
+        else:
+            self.candidates = np.r_[distinct[-1:], ((distinct[1:] + distinct[:-1]) / 2)[::-1]]
+
+    def passes(self, thresholds: np.ndarray, idx: np.ndarray | None = None) -> np.ndarray:
+        """(len(thresholds), samples) booleans."""
+        sel = slice(None) if idx is None else idx
+        v, tuned = self.values[sel], self.tuned[sel]
+        t = np.asarray(thresholds, dtype=np.float64)[:, None]
+        with np.errstate(invalid="ignore"):
+            ok = (v[None, :] >= t) if self.bound == "min" else (v[None, :] <= t)
+        return np.where(tuned[None, :], ok, True) & self.fixed[sel][None, :] & self.override_pass[sel][None, :]
+
+
+def _objective(tp: np.ndarray, fp: np.ndarray, positives: int, target: float) -> np.ndarray:
+    """Rank of each candidate: reaching the target precision first (then recall, then precision), else F1."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
+        recall = tp / max(positives, 1)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    return np.where(precision >= target, 2.0 + recall + 1e-3 * precision, f1)
+
+
+class _Problem:
+    """The labelled samples and the parent generation views they depend on (the `pool` the rules are
+    evaluated on), so that a re-fitted rule re-judges the parents too, as the writer does."""
+
+    def __init__(self, rows: list[dict], every: list[dict], filters: FilterConfig):
+        views = _views(every)
+        pool: dict[str, int] = {}
+        self.pool: list[dict] = []
+
+        def index(row: dict) -> int:
+            if row["key"] not in pool:
+                pool[row["key"]] = len(self.pool)
+                self.pool.append(row)
+            return pool[row["key"]]
+
+        self.lab = np.array([index(row) for row in rows], dtype=np.int64)
+        parents, blocked = [], []
+        for row in rows:
+            own, fixed_reject = [], any(d.get("kind") == "duplicate" for d in row["reason_details"] or [])
+            if not (row["recipe"] in RECIPES and RECIPES[row["recipe"]].is_generation_view):
+                for slot in dict.fromkeys((row.get("content_slot"), row.get("style_slot"), row.get("target_slot"))):
+                    if not slot or not is_result_slot(slot):
+                        continue
+                    view = views.get((row.get("group_id"), slot))
+                    if view is None:  # no RnS row for this generation: its verdict in the run stands
+                        fixed_reject |= any(d.get("inherited_from") == slot for d in row["reason_details"] or [])
+                    elif filters.generation_rules:  # judged by generation_rules, which are not re-fitted
+                        fixed_reject |= bool(generation_reasons(filters, _own_scores(view)))
+                    else:
+                        own.append(index(view))
+            parents.append((own + [-1, -1])[:2])
+            blocked.append(fixed_reject)
+        self.parents = np.array(parents, dtype=np.int64).reshape(-1, 2)
+        self.parents[self.parents < 0] = len(self.pool)  # a column that always passes
+        self.blocked = np.array(blocked, dtype=bool)
+        self.y = np.array([row["_label"] == ACCEPT for row in rows], dtype=bool)
+
+    def accepted(self, pool_pass: np.ndarray) -> np.ndarray:
+        """(..., pool) pass -> (..., labelled) accepted: its own rules and its parents' views pass."""
+        ext = np.concatenate([pool_pass, np.ones(pool_pass.shape[:-1] + (1,), dtype=bool)], axis=-1)
+        return (ext[..., self.lab] & ext[..., self.parents[:, 0]] & ext[..., self.parents[:, 1]]) & ~self.blocked
+
+
+def fit_rules(problem: _Problem, coords: list[_Coordinate], start: list[float], target: float,
+              idx: np.ndarray | None = None, passes: int = 5) -> list[float]:
+    """Coordinate ascent over the rules' thresholds, jointly: the rule set as a whole should reach the target
+    precision with the most recall (or, where it cannot, the best F1), on the labelled samples `idx`."""
+    sel = slice(None) if idx is None else idx
+    y = problem.y[sel]
+    positives = int(y.sum())
+    current = list(start)
+    masks = [c.passes([t])[0] for c, t in zip(coords, current)]
+    for _ in range(passes):
+        changed = False
+        for j, coord in enumerate(coords):
+            if not coord.candidates.size:
+                continue
+            others = np.ones(len(problem.pool), dtype=bool)
+            for k, mask in enumerate(masks):
+                if k != j:
+                    others &= mask
+            accepted = problem.accepted(coord.passes(coord.candidates) & others[None, :])[:, sel]
+            rank = _objective((accepted & y).sum(1), (accepted & ~y).sum(1), positives, target)
+            now_acc = problem.accepted(masks[j] & others)[sel]
+            now = _objective(np.array([(now_acc & y).sum()]), np.array([(now_acc & ~y).sum()]), positives, target)[0]
+            best = int(np.argmax(rank))
+            if rank[best] > now + 1e-12:
+                current[j], changed = float(coord.candidates[best]), True
+                masks[j] = coord.passes([current[j]])[0]
+        if not changed:
+            break
+    return current
+
+
+def suggest_rules(filters: FilterConfig, rows: list[dict], every: list[dict], target: float,
+                  seed: int = SEED) -> tuple[list[dict[str, Any]], _Problem]:
+    """Every configured rule, its threshold re-fitted jointly with the others where the labels allow (enough
+    labels of each class in its scope, and a score that separates them), kept as configured otherwise; with
+    a bootstrap interval on each re-fitted threshold."""
+    problem = _Problem(rows, every, filters)
+    out, coords, start, owners = [], [], [], []
+    for rule in filters.rules:
+        column = score_column(rule.score)
+        scope = list(rule.recipes) if rule.recipes is not None else None
+        analysis = analyse_score(*_subset(rows, column, scope), target)
+        entry = {"rule": _rule_dict(rule), "was": _rule_dict(rule), "column": column, "scope": scope,
+                 "analysis": analysis, "note": "", "interval": None}
+        out.append(entry)
+        if analysis["refused"]:
+            entry["note"] = "kept: " + analysis["refused"]
             continue
-        if _r(found_r[0]) != _r(found[0]):
-            new.setdefault("per_recipe", {}).setdefault(recipe, {})[pooled["bound"]] = found_r[0]
-            notes.append(f"{recipe}: {pooled['bound']} {_fmt(found_r[0])}")
-    Rule.model_validate(new)
-    return {"rule": new, "was": _rule_dict(rule), "column": column, "scope": scope, "analysis": pooled,
-            "per_recipe": per_recipe, "note": "; ".join(notes)}
+        if not analysis["separates"]:
+            entry["note"] = (f"kept: the score does not separate the labels (AUC interval "
+                             f"[{_fmt(analysis['auc_interval'][0])}, {_fmt(analysis['auc_interval'][1])}] contains 0.5)")
+            continue
+        bound = analysis["bound"]
+        other = "max" if bound == "min" else "min"
+        if getattr(rule, bound) is None and getattr(rule, other) is not None:
+            # The labels say the other direction: the configured bound is dropped, the new one fitted.
+            rule = rule.model_copy(update={other: None, "per_recipe": {}})
+            entry["note"] = f"direction from the labels: {analysis['direction']} (the config had a {other} bound); "
+        coord = _Coordinate(rule, problem.pool, bound)
+        configured = getattr(rule, bound)
+        coords.append(coord)
+        start.append(configured if configured is not None else (coord.candidates[0] if coord.candidates.size else 0.0))
+        owners.append(entry)
+    if not coords:
+        return out, problem
+    fitted = fit_rules(problem, coords, start, target)
+    rng = np.random.default_rng(seed)
+    boots: list[list[float]] = [[] for _ in coords]
+    for _ in range(BOOTSTRAP_RESAMPLES):
+        idx = rng.integers(0, len(rows), len(rows))
+        if problem.y[idx].all() or not problem.y[idx].any():
+            continue
+        for b, t in zip(boots, fit_rules(problem, coords, fitted, target, idx)):
+            b.append(t)
+    for entry, coord, t, b in zip(owners, coords, fitted, boots):
+        was = entry["was"].get(coord.bound)
+        new = _rule_dict(coord.rule)
+        new[coord.bound] = _r(t)
+        Rule.model_validate(new)
+        entry["rule"], entry["interval"] = new, [_r(v) for v in _interval(b) or []] or None
+        span = f" [{_fmt(entry['interval'][0])}, {_fmt(entry['interval'][1])}]" if entry["interval"] else ""
+        entry["note"] += f"{coord.bound} {_fmt(t)}{span}, was {_fmt(was)}"
+        if coord.candidates.size and t == coord.candidates[0]:
+            entry["note"] += " (rejects no labelled sample: could be dropped)"
+    return out, problem
 
 
 def _fmt(value: float | None) -> str:
@@ -423,7 +566,7 @@ def calibrate(run_uri: str, labels: dict[str, str], target_precision: float = DE
                             for recipe in recipes}
     attribution = rule_attribution(rows)
 
-    suggestions = [suggest_rule(rule, rows, recipes, target_precision) for rule in filters.rules]
+    suggestions, _ = suggest_rules(filters, rows, every, target_precision)
     suggested = FilterConfig.model_validate({**config_filters, "rules": [s["rule"] for s in suggestions]})
     views = _views(every)
     estimate = _confusion(rows, [redecide(suggested, r, views) for r in rows])
@@ -460,7 +603,7 @@ def calibrate(run_uri: str, labels: dict[str, str], target_precision: float = DE
                      "most_false_rejects": attribution[0]["rule"] if attribution and attribution[0]["false_rejects"] else None},
         "scores": scores,
         "suggestion": {
-            "rules": [{k: s[k] for k in ("rule", "was", "column", "scope", "note")} |
+            "rules": [{k: s[k] for k in ("rule", "was", "column", "scope", "note", "interval")} |
                       {"auc": s["analysis"]["auc"], "direction": s["analysis"]["direction"],
                        "labels": s["analysis"]["labels"]} for s in suggestions],
             "candidates": candidates,
