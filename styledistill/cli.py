@@ -190,7 +190,7 @@ def calibrate(run_folder: str = typer.Argument(..., help="A run folder (local pa
     for column, a in result["scores"].items():
         auc = f"{a['auc']} [{a['auc_interval'][0]}, {a['auc_interval'][1]}]" if a["auc_interval"] else str(a["auc"])
         at, f1 = a["at_precision"], a["best_f1"]
-        table.add_row(column, f"{a['labels']['accept']}/{a['labels']['reject']}", auc, a["direction"] or "-",
+        table.add_row(column.removeprefix("score."), f"{a['labels']['accept']}/{a['labels']['reject']}", auc, a["direction"] or "-",
                       (f"{a['bound']} {at['threshold']} {at['interval']}" if at else a["refused"] or "not reached"),
                       f"{a['bound']} {f1['threshold']} (F1 {f1['f1']})" if f1 else "-")
     console.print(table)

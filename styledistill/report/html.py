@@ -566,6 +566,7 @@ TEMPLATE = (
 <p class="muted">A stratified sample: up to {{ review.per_cell }} triplets per recipe × status, in a fixed shuffled order; each row: content | style | target. Mark with <kbd>a</kbd> accept, <kbd>r</kbd> reject, <kbd>u</kbd> clear (the next triplet follows), move with <kbd>j</kbd>/<kbd>k</kbd> or <kbd>→</kbd>/<kbd>←</kbd>, or click. Marks are kept in this browser; <b>Download labels.csv</b> and run <span class="mono">styledistill calibrate {{ s.run.uri }} --labels labels.csv</span>.</p>
 {% if review.without_images %}<p class="warn">Not in the review, no images stored: {% for st, n in review.without_images|dictsort %}{{ n }} {{ st }}{% if not loop.last %}, {% endif %}{% endfor %}{% if review.without_images.rejected %} (the run did not write rejects: set output.write_rejects to review rejected samples){% endif %}.</p>{% endif %}
 {% if review["items"] %}
+<section class="review"><!-- the sticky bar sticks within this section only -->
 <div class="rvbar"><button type="button" id="download-labels">Download labels.csv</button><span id="review-count" class="mono"></span>
 <span class="muted">{% for cell in review.cells %}{{ cell.recipe }}/{{ cell.status }} {{ cell.shown }} of {{ cell.available }}{% if not loop.last %} · {% endif %}{% endfor %}</span></div>
 <div class="rvlist">
@@ -580,6 +581,7 @@ TEMPLATE = (
 </div></div>
 {% endfor %}
 </div>
+</section>
 <script>
 (function () {
   "use strict";
