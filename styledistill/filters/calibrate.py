@@ -622,9 +622,9 @@ def suggested_filters_yaml(result: dict[str, Any], run_filters: dict[str, Any]) 
     filters = FilterConfig.model_validate(run_filters)
     lines = [
         f"# Suggested by `styledistill calibrate` for run {result['run']['uri']} (config {result['run']['config_hash']})",
-        f"# from {labels['used'][ACCEPT]} accept / {labels['used'][REJECT]} reject labels; each threshold reaches "
-        f"precision {settings['target_precision']} on its labelled samples",
-        f"# (best F1 where none does); [a, b]: {settings['interval']:.0%} bootstrap interval over "
+        f"# from {labels['used'][ACCEPT]} accept / {labels['used'][REJECT]} reject labels; thresholds fitted jointly so "
+        f"that the rule set reaches precision {settings['target_precision']}",
+        f"# with the most recall (best F1 where it cannot); [a, b]: {settings['interval']:.0%} bootstrap interval over "
         f"{settings['bootstrap_resamples']} resamples; no threshold from fewer than {settings['min_per_class']} "
         "labels per class.",
         f"# On the labelled samples: now precision {_fmt(result['rule_set']['precision'])} recall "
