@@ -119,11 +119,13 @@ def plan(config: Path = ConfigArg, overrides: list[str] = SetOpt, out: Optional[
 
 
 @app.command()
-def report(run_folder: str = typer.Argument(..., help="A run folder (local path or URL).")):
+def report(run_folder: str = typer.Argument(..., help="A run folder (local path or URL)."),
+           review: int = typer.Option(4, "--review", min=0,
+                                      help="Triplets per recipe x status in the review view (0: none).")):
     """Regenerate summary.json and report.html from a run folder."""
     from styledistill.report import write_report
 
-    summary_path, html_path = write_report(run_folder)
+    summary_path, html_path = write_report(run_folder, review_per_cell=review)
     console.print(f"summary: {summary_path}")
     typer.echo(html_path)
 
@@ -203,5 +205,40 @@ def benchmark(n: int = typer.Option(8, help="Content photos per measured run (sa
     from styledistill.tools.bench import run_benchmark
 
     run_benchmark(n, workdir, scale, console)
+
+@app.command()
+def calibrate(run_folder: str = typer.Argument(..., help="A run folder (local path or URL)."),
+              labels: str = typer.Option(..., "--labels", help="CSV with key,label (accept|reject), e.g. the "
+                                                                 "report's review download."),
+              precision: float = typer.Option(0.9, "--precision", min=0.0, max=1.0,
+                                              help="Target precision of the suggested thresholds."),
+              review: int = typer.Option(4, "--review", min=0, help="Review size of the rewritten report.")):
+    """Fit the filter thresholds to labels: calibration.json, filters-suggested.yaml, report section."""
+    from styledistill.filters.calibrate import LabelError, read_labels, write_calibration
+    from styledistill.report import write_report
+
+    try:
+        result, json_path, yaml_path = write_calibration(run_folder, read_labels(labels), precision)
+    except (LabelError, FileNotFoundError) as err:
+        _fail(err)
+    rs, used = result["rule_set"], result["labels"]["used"]
+    console.print(f"labels used: {used['accept']} accept, {used['reject']} reject (minimum "
+                  f"{result['settings']['min_per_class']} per class to suggest a threshold)")
+    console.print(f"configured rules vs labels: precision {rs['precision']}, recall {rs['recall']}; "
+                  f"most false rejects: {rs['most_false_rejects'] or 'none'}")
+    table = Table("score", "labels a/r", "AUC [90%]", "direction", f"threshold @ precision {precision} [90%]",
+                  "best F1")
+    for column, a in result["scores"].items():
+        auc = f"{a['auc']} [{a['auc_interval'][0]}, {a['auc_interval'][1]}]" if a["auc_interval"] else str(a["auc"])
+        at, f1 = a["at_precision"], a["best_f1"]
+        table.add_row(column.removeprefix("score."), f"{a['labels']['accept']}/{a['labels']['reject']}", auc, a["direction"] or "-",
+                      (f"{a['bound']} {at['threshold']} {at['interval']}" if at else a["refused"] or "not reached"),
+                      f"{a['bound']} {f1['threshold']} (F1 {f1['f1']})" if f1 else "-")
+    console.print(table)
+    console.print(f"calibration: {json_path}")
+    console.print(f"suggested filters: {yaml_path}")
+    console.print(f"report: {write_report(run_folder, review_per_cell=review)[1]}")
+    typer.echo(yaml_path)
+
 
 app.add_typer(train_app, name="train", help="Train TeleStyle V2 from the shards (SFT, DMD).")

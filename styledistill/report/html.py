@@ -1,15 +1,21 @@
 """The quality report: one self-contained HTML page (inline CSS, inline SVG, thumbnails as data: URIs).
 
-Everything comes from the summary dict except the thumbnails, which are read from <run>/thumbs/. No
-scripts and no external assets, so the file can be mailed, archived, or opened offline.
+Everything comes from the summary dict except the thumbnails, which are read from <run>/thumbs/, the review
+sample's images, read from the shard (and rejects) tars, and the calibration section, from
+<run>/calibration.json when `styledistill calibrate` wrote one. No external assets, so the file can be mailed,
+archived, or opened offline; one small inline script runs the review view (marks kept in the browser's
+localStorage, downloaded as labels.csv for `styledistill calibrate`).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import io
 import json
 import math
+import tarfile
 from collections import defaultdict
 from html import escape
 from typing import Any
@@ -19,7 +25,18 @@ from markupsafe import Markup
 
 from styledistill.io import uris
 from styledistill.schemas.recipes import recipe_sorted
-from styledistill.schemas.manifest import ACCEPTED, FAILED, REJECTED, THUMBS_DIR
+from styledistill.schemas.manifest import (
+    ACCEPTED,
+    CONTENT_MEMBER,
+    FAILED,
+    REJECTED,
+    REJECTS_DIR,
+    SCORE_PREFIX,
+    SHARDS_DIR,
+    STYLE_MEMBER,
+    TARGET_MEMBER,
+    THUMBS_DIR,
+)
 
 COLOURS = {ACCEPTED: "#2e7d32", REJECTED: "#c62828", FAILED: "#9e9e9e"}
 OTHER_COLOUR = "#6a1b9a"
@@ -27,6 +44,9 @@ THRESHOLD_COLOUR = "#1565c0"
 INHERITED_COLOUR = "#ef6c00"
 MAX_REASON_BARS = 25
 MAX_THUMB_FILES = 64  # thumbnail files read, spread evenly over the shards
+REVIEW_PER_CELL = 4  # review sample: triplets per recipe x status (accepted, rejected)
+REVIEW_HEIGHT = 256  # px: each review image, downscaled, as JPEG
+REVIEW_ROLES = (CONTENT_MEMBER, STYLE_MEMBER, TARGET_MEMBER)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -233,10 +253,154 @@ def _round_robin(by_recipe: dict[str, list], limit: int) -> list:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The review sample
+
+
+def _review_order(key: str) -> str:
+    """A fixed pseudo-random order (so a rewritten report shows the same sample)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def collect_review(run_uri: str, per_cell: int, height: int = REVIEW_HEIGHT) -> dict[str, Any]:
+    """A stratified sample, `per_cell` triplets per recipe x status (accepted, rejected), with their images
+    read from the tars (streamed, never extracted) and embedded as downscaled JPEG data: URIs. Rejected
+    samples have images only when the run wrote rejects; failed ones never have any."""
+    from styledistill.report.summary import manifest_rows
+
+    out: dict[str, Any] = {"items": [], "cells": [], "without_images": {}, "per_cell": per_cell}
+    if per_cell <= 0:
+        return out
+    rows = manifest_rows(run_uri, ("key", "recipe", "status", "reasons"), SCORE_PREFIX)
+    tars = {ACCEPTED: SHARDS_DIR, REJECTED: REJECTS_DIR}
+    has_tar: dict[tuple[str, str], bool] = {}
+    cells: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for row in rows:
+        status = row["status"]
+        if status not in tars:
+            continue
+        where = (tars[status], row["_shard"])
+        if where not in has_tar:
+            has_tar[where] = uris.exists(uris.join(run_uri, where[0], f"{where[1]}.tar"))
+        if not has_tar[where]:
+            out["without_images"][status] = out["without_images"].get(status, 0) + 1
+            continue
+        cells[(row["recipe"], status)].append(row)
+    picked: list[dict] = []
+    for recipe in recipe_sorted({r for r, _ in cells}):
+        for status in (ACCEPTED, REJECTED):
+            mine = sorted(cells.get((recipe, status), []), key=lambda r: _review_order(r["key"]))
+            picked += mine[:per_cell]
+            if mine:
+                out["cells"].append({"recipe": recipe, "status": status, "available": len(mine),
+                                     "shown": min(per_cell, len(mine))})
+    wanted: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for row in picked:
+        wanted[(tars[row["status"]], row["_shard"])].add(row["key"])
+    images: dict[str, dict[str, str]] = defaultdict(dict)
+    for (folder, shard), keys in sorted(wanted.items()):
+        _read_review_images(uris.join(run_uri, folder, f"{shard}.tar"), keys, height, images)
+    for row in sorted(picked, key=lambda r: _review_order(r["key"])):
+        found = images.get(row["key"], {})
+        if not all(role in found for role in REVIEW_ROLES):
+            continue
+        scores = {k[len(SCORE_PREFIX):]: v for k, v in sorted(row.items())
+                  if k.startswith(SCORE_PREFIX) and v is not None and math.isfinite(v)}
+        out["items"].append({"key": row["key"], "recipe": row["recipe"], "status": row["status"],
+                             "reasons": row["reasons"] or [], "shard": row["_shard"], "scores": scores,
+                             "images": [found[role] for role in REVIEW_ROLES]})
+    return out
+
+
+def _read_review_images(tar_uri: str, keys: set[str], height: int, images: dict[str, dict[str, str]]) -> None:
+    from PIL import Image
+
+    with uris.open_for_read(tar_uri) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, rest = member.name.rpartition("/")[2].partition(".")
+            role = rest.split(".")[0]
+            if key not in keys or role not in REVIEW_ROLES:
+                continue
+            data = tar.extractfile(member).read()
+            try:
+                with Image.open(io.BytesIO(data)) as image:
+                    image = image.convert("RGB")
+                    if image.height > height:
+                        image = image.resize((max(1, round(image.width * height / image.height)), height),
+                                             Image.Resampling.LANCZOS)
+                    buffer = io.BytesIO()
+                    image.save(buffer, format="JPEG", quality=85)
+            except OSError:
+                continue
+            images[key][role] = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The calibration section (from <run>/calibration.json)
+
+
+def pr_curve_svg(column: str, analysis: dict[str, Any], target: float, width: int = 300, height: int = 220) -> str:
+    """Precision (y) against recall (x) of one score, the target precision dashed, the suggested
+    thresholds marked."""
+    curve = analysis.get("curve")
+    if not curve or not curve["recall"]:
+        return '<p class="muted">no curve (labels of one class only)</p>'
+    left, right, top, bottom = 36, 10, 10, 30
+    pw, ph = width - left - right, height - top - bottom
+
+    def xy(recall: float, precision: float) -> tuple[float, float]:
+        return left + recall * pw, top + (1 - precision) * ph
+
+    points = [xy(0.0, curve["precision"][0])] + [xy(r, p) for r, p in zip(curve["recall"], curve["precision"])]
+    path = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
+    base = analysis.get("base_rate") or 0
+    parts = [
+        f'<svg class="pr" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+        f'aria-label="precision-recall curve of {escape(column)}">',
+        f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#fff" stroke="#bbb"/>',
+        f'<line x1="{left}" x2="{left + pw}" y1="{xy(0, target)[1]:.1f}" y2="{xy(0, target)[1]:.1f}" '
+        f'stroke="{THRESHOLD_COLOUR}" stroke-dasharray="4 2"><title>target precision {target}</title></line>',
+        f'<line x1="{left}" x2="{left + pw}" y1="{xy(0, base)[1]:.1f}" y2="{xy(0, base)[1]:.1f}" stroke="#bbb" '
+        f'stroke-dasharray="2 2"><title>share of accept labels {fmt_num(base, 3)}</title></line>',
+        f'<polyline class="prc" points="{path}" fill="none" stroke="#222" stroke-width="1.5"/>',
+    ]
+    for which, colour, label in (("at_precision", COLOURS[ACCEPTED], "target"), ("best_f1", INHERITED_COLOUR, "F1")):
+        found = analysis.get(which)
+        if found:
+            x, y = xy(found["recall"], found["precision"])
+            parts.append(f'<circle class="pt {which}" cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{colour}">'
+                         f'<title>{label}: {analysis["bound"]} {fmt_num(found["threshold"])}</title></circle>')
+    for v in (0, 0.5, 1):
+        x, y = xy(v, v)
+        parts.append(f'<text x="{x:.1f}" y="{height - 16}" class="tick" text-anchor="middle">{v:g}</text>'
+                     f'<text x="{left - 4}" y="{y + 3:.1f}" class="tick" text-anchor="end">{v:g}</text>')
+    parts.append(f'<text x="{left + pw / 2:.1f}" y="{height - 3}" class="tick" text-anchor="middle">recall</text>'
+                 f'<text x="10" y="{top + ph / 2:.1f}" class="tick" text-anchor="middle" '
+                 f'transform="rotate(-90 10 {top + ph / 2:.1f})">precision</text></svg>')
+    return "".join(parts)
+
+
+def read_calibration(run_uri: str) -> dict[str, Any] | None:
+    from styledistill.filters.calibrate import CALIBRATION_FILE
+
+    uri = uris.join(run_uri, CALIBRATION_FILE)
+    if not uris.exists(uri):
+        return None
+    calibration = json.loads(uris.read_bytes(uri))
+    target = calibration["settings"]["target_precision"]
+    calibration["charts"] = [
+        {"column": column, "a": analysis, "svg": Markup(pr_curve_svg(column, analysis, target))}
+        for column, analysis in calibration["scores"].items()
+    ]
+    return calibration
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The page
 
 
-def render_report(summary: dict[str, Any], run_uri: str) -> str:
+def render_report(summary: dict[str, Any], run_uri: str, review_per_cell: int = REVIEW_PER_CELL) -> str:
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
                              lstrip_blocks=True)
     env.filters.update(num=fmt_num, pct=fmt_pct, bytes=fmt_bytes, secs=fmt_seconds)
@@ -256,6 +420,9 @@ def render_report(summary: dict[str, Any], run_uri: str) -> str:
         reasons_chart=Markup(reasons_svg(reasons)) if reasons else None,
         reason_label=reason_label,
         thumbs=thumbs,
+        review=collect_review(run_uri, review_per_cell),
+        calibration=read_calibration(run_uri),
+        review_store="styledistill-labels:" + str(summary["run"]["uri"]) + ":" + str(summary["run"]["config_hash"]),
         config_json=json.dumps(summary["run"]["config"], indent=2, sort_keys=True),
     )
 
@@ -288,6 +455,18 @@ figcaption{font-size:12px;margin-top:4px}figcaption ul{margin:2px 0 0 16px;paddi
 .badge{display:inline-block;background:#e8eaf6;border-radius:3px;padding:0 5px;margin-right:4px;font-size:11px}
 details{margin:8px 0}summary{cursor:pointer;color:#1565c0}
 pre{background:#fff;border:1px solid #e0e0e0;padding:8px;overflow:auto;font-size:12px}
+.rvbar{position:sticky;top:0;z-index:2;background:#f6f7f9;padding:6px 0;border-bottom:1px solid #ddd;display:flex;gap:12px;align-items:center;flex-wrap:wrap}
+.rvbar button,.rv button{font:inherit;padding:3px 10px;border:1px solid #bbb;border-radius:4px;background:#fff;cursor:pointer}
+.rvlist{display:flex;flex-direction:column;gap:10px;margin-top:8px}
+.rv{background:#fff;border:2px solid #e0e0e0;border-radius:6px;padding:8px;outline:none;display:flex;gap:12px;flex-wrap:wrap;align-items:flex-start}
+.rv.current{box-shadow:0 0 0 3px #90caf9}.rv.l-accept{border-color:#2e7d32;background:#f1f8e9}.rv.l-reject{border-color:#c62828;background:#fdecea}
+.rv .trip{display:flex;gap:6px;overflow-x:auto}.rv .trip figure{border:0;padding:0;background:none}
+.rv .trip img{height:256px;width:auto;max-width:none}.rv .trip figcaption{text-align:center;color:#666}
+.rv .meta{display:flex;flex-direction:column;gap:6px;font-size:12px;max-width:420px}.rv .meta td{padding:1px 6px}
+.rv .meta ul{margin:0 0 0 16px;padding:0;color:#c62828}.rv .lab{font-weight:600}
+.rv.l-accept .mark-accept{background:#2e7d32;color:#fff}.rv.l-reject .mark-reject{background:#c62828;color:#fff}
+.prs{display:grid;grid-template-columns:repeat(auto-fill,minmax(320px,1fr));gap:12px}
+kbd{border:1px solid #bbb;border-radius:3px;padding:0 4px;background:#fff;font-size:12px}
 """
 
 TEMPLATE = (
@@ -300,6 +479,7 @@ TEMPLATE = (
     + """</style></head>
 <body><main>
 <h1>{{ s.run.name or "styledistill run" }}</h1>
+<div class="muted"><a href="#review">review and label</a> · <a href="#calibration">calibration</a></div>
 <div class="muted mono">{{ s.run.uri }} · config {{ s.run.config_hash }} · started {{ s.run.started or "–" }}</div>
 {% if s.run.versions %}
 <div class="muted mono">{% for lib, v in s.run.versions|dictsort %}{{ lib }} {{ v }}{% if not loop.last %} · {% endif %}{% endfor %}</div>
@@ -381,6 +561,138 @@ TEMPLATE = (
 </div>
 {% else %}<p class="muted">No thumbnails.</p>{% endif %}
 {% endfor %}
+
+<h2 id="review">Review and label</h2>
+<p class="muted">A stratified sample: up to {{ review.per_cell }} triplets per recipe × status, in a fixed shuffled order; each row: content | style | target. Mark with <kbd>a</kbd> accept, <kbd>r</kbd> reject, <kbd>u</kbd> clear (the next triplet follows), move with <kbd>j</kbd>/<kbd>k</kbd> or <kbd>→</kbd>/<kbd>←</kbd>, or click. Marks are kept in this browser; <b>Download labels.csv</b> and run <span class="mono">styledistill calibrate {{ s.run.uri }} --labels labels.csv</span>.</p>
+{% if review.without_images %}<p class="warn">Not in the review, no images stored: {% for st, n in review.without_images|dictsort %}{{ n }} {{ st }}{% if not loop.last %}, {% endif %}{% endfor %}{% if review.without_images.rejected %} (the run did not write rejects: set output.write_rejects to review rejected samples){% endif %}.</p>{% endif %}
+{% if review["items"] %}
+<section class="review"><!-- the sticky bar sticks within this section only -->
+<div class="rvbar"><button type="button" id="download-labels">Download labels.csv</button><span id="review-count" class="mono"></span>
+<span class="muted">{% for cell in review.cells %}{{ cell.recipe }}/{{ cell.status }} {{ cell.shown }} of {{ cell.available }}{% if not loop.last %} · {% endif %}{% endfor %}</span></div>
+<div class="rvlist">
+{% for it in review["items"] %}
+<div class="rv" id="rv-{{ loop.index0 }}" data-key="{{ it.key }}" data-recipe="{{ it.recipe }}" data-status="{{ it.status }}" tabindex="-1">
+<div class="trip">{% for src in it.images %}<figure><img src="{{ src }}" alt="{{ ("content", "style", "target")[loop.index0] }} of {{ it.key }}"><figcaption>{{ ("content", "style", "target")[loop.index0] }}</figcaption></figure>{% endfor %}</div>
+<div class="meta">
+<div><span class="badge">{{ it.recipe }}</span><span class="{{ it.status }}">{{ it.status }}</span> <span class="mono">{{ it.key }}</span><br>
+<button type="button" class="mark-accept" data-label="accept">Accept (a)</button> <button type="button" class="mark-reject" data-label="reject">Reject (r)</button> <span class="lab"></span></div>
+<table class="mono">{% for name, v in it.scores.items() %}<tr><td class="l">{{ name }}</td><td>{{ v|num }}</td></tr>{% endfor %}</table>
+{% if it.reasons %}<ul class="mono">{% for reason in it.reasons %}<li>{{ reason }}</li>{% endfor %}</ul>{% endif %}
+</div></div>
+{% endfor %}
+</div>
+</section>
+<script>
+(function () {
+  "use strict";
+  var STORE = {{ review_store|tojson }};
+  var cards = Array.prototype.slice.call(document.querySelectorAll(".rv"));
+  var count = document.getElementById("review-count");
+  var labels = {};
+  try { labels = JSON.parse(localStorage.getItem(STORE) || "{}") || {}; } catch (e) { labels = {}; }
+  var cur = 0;
+  function save() { try { localStorage.setItem(STORE, JSON.stringify(labels)); } catch (e) {} }
+  function paint() {
+    var a = 0, r = 0;
+    cards.forEach(function (c, i) {
+      var l = labels[c.dataset.key];
+      c.classList.toggle("l-accept", l === "accept");
+      c.classList.toggle("l-reject", l === "reject");
+      c.classList.toggle("current", i === cur);
+      c.querySelector(".lab").textContent = l ? "marked " + l : "";
+      if (l === "accept") a++; else if (l === "reject") r++;
+    });
+    count.textContent = (a + r) + " of " + cards.length + " marked: " + a + " accept, " + r + " reject";
+  }
+  function go(i, scroll) {
+    cur = Math.max(0, Math.min(cards.length - 1, i));
+    paint();
+    if (scroll) cards[cur].scrollIntoView({block: "nearest"});
+  }
+  function mark(i, label) {
+    var key = cards[i].dataset.key;
+    if (label) labels[key] = label; else delete labels[key];
+    save();
+    go(label ? i + 1 : i, true);
+  }
+  function csv() {
+    var seen = {}, lines = ["key,label,recipe,status"];
+    cards.forEach(function (c) {
+      seen[c.dataset.key] = true;
+      if (labels[c.dataset.key]) lines.push([c.dataset.key, labels[c.dataset.key], c.dataset.recipe, c.dataset.status].join(","));
+    });
+    Object.keys(labels).forEach(function (k) { if (!seen[k]) lines.push([k, labels[k], "", ""].join(",")); });
+    return lines.join("\\n") + "\\n";
+  }
+  window.styledistillLabelsCsv = csv;  // for scripts: the CSV the button downloads
+  cards.forEach(function (c, i) {
+    c.addEventListener("click", function (e) {
+      var label = e.target.dataset && e.target.dataset.label;
+      if (label) mark(i, label); else go(i, false);
+    });
+  });
+  document.addEventListener("keydown", function (e) {
+    if (e.ctrlKey || e.metaKey || e.altKey) return;
+    var t = e.target && e.target.tagName;
+    if (t === "INPUT" || t === "TEXTAREA" || t === "SELECT") return;
+    var k = e.key;
+    if (k === "a") mark(cur, "accept");
+    else if (k === "r") mark(cur, "reject");
+    else if (k === "u") mark(cur, null);
+    else if (k === "j" || k === "ArrowRight") go(cur + 1, true);
+    else if (k === "k" || k === "ArrowLeft") go(cur - 1, true);
+    else return;
+    e.preventDefault();
+  });
+  document.getElementById("download-labels").addEventListener("click", function () {
+    var url = URL.createObjectURL(new Blob([csv()], {type: "text/csv"}));
+    var link = document.createElement("a");
+    link.href = url;
+    link.download = "labels.csv";
+    document.body.appendChild(link);
+    link.click();
+    setTimeout(function () { URL.revokeObjectURL(url); link.remove(); }, 1000);
+  });
+  paint();
+})();
+</script>
+{% else %}<p class="muted">No triplets with stored images to review.</p>{% endif %}
+
+<h2 id="calibration">Calibration against labels</h2>
+{% if calibration %}
+{% set c = calibration %}
+<p>From <b>{{ c.labels.used.accept }}</b> accept and <b>{{ c.labels.used.reject }}</b> reject labels{% if c.labels.unknown_keys %} ({{ c.labels.unknown_keys }} label(s) for keys not in this run){% endif %}{% if c.labels.failed_ignored %}; labelled failed samples ignored: {% for l, n in c.labels.failed_ignored|dictsort %}{{ l }} {{ n }}{% if not loop.last %}, {% endif %}{% endfor %}{% endif %}.
+Target precision {{ c.settings.target_precision }}; no threshold is suggested from fewer than {{ c.settings.min_per_class }} labels per class; [a, b]: {{ (100 * c.settings.interval)|round|int }}% bootstrap interval over {{ c.settings.bootstrap_resamples }} resamples.{% if c.run.config_hash != s.run.config_hash %} <span class="rejected">Calibrated on config {{ c.run.config_hash }}, this run is {{ s.run.config_hash }}.</span>{% endif %}</p>
+<table>
+<tr><th class="l">configured rules vs labels</th><th>precision</th><th>recall</th><th>true accepts</th><th>false accepts</th><th>false rejects</th><th>true rejects</th></tr>
+<tr><td class="l">all recipes</td><td>{{ c.rule_set.precision|num }}</td><td>{{ c.rule_set.recall|num }}</td><td>{{ c.rule_set.true_accepts }}</td><td>{{ c.rule_set.false_accepts }}</td><td>{{ c.rule_set.false_rejects }}</td><td>{{ c.rule_set.true_rejects }}</td></tr>
+{% for r, m in c.rule_set.by_recipe.items() %}<tr><td class="l">{{ r }}</td><td>{{ m.precision|num }}</td><td>{{ m.recall|num }}</td><td>{{ m.true_accepts }}</td><td>{{ m.false_accepts }}</td><td>{{ m.false_rejects }}</td><td>{{ m.true_rejects }}</td></tr>{% endfor %}
+<tr><td class="l">suggested rules (estimate, same labels)</td><td>{{ c.suggestion.estimate.precision|num }}</td><td>{{ c.suggestion.estimate.recall|num }}</td><td>{{ c.suggestion.estimate.true_accepts }}</td><td>{{ c.suggestion.estimate.false_accepts }}</td><td>{{ c.suggestion.estimate.false_rejects }}</td><td>{{ c.suggestion.estimate.true_rejects }}</td></tr>
+</table>
+{% if c.rule_set.by_rule %}
+<p>Most false rejects: <b class="mono">{{ c.rule_set.most_false_rejects or "none" }}</b></p>
+<table><tr><th class="l">rule</th><th>false rejects</th><th>of which sole cause</th><th>of which inherited</th><th>true rejects</th></tr>
+{% for r in c.rule_set.by_rule %}<tr><td class="l mono">{{ r.rule }}</td><td>{{ r.false_rejects }}</td><td>{{ r.sole_false_rejects }}</td><td>{{ r.inherited_false_rejects }}</td><td>{{ r.true_rejects }}</td></tr>{% endfor %}
+</table>
+{% endif %}
+<div class="legend"><span><i style="background:#1565c0;height:2px"></i>target precision</span><span><i style="background:#bbb;height:2px"></i>share of accept labels</span><span><i style="background:#2e7d32;border-radius:5px"></i>target-precision threshold</span><span><i style="background:#ef6c00;border-radius:5px"></i>best-F1 threshold</span></div>
+<div class="prs">
+{% for ch in c.charts %}
+<div class="hcard pr-card" data-column="{{ ch.column }}">
+<h3>{{ ch.column }}</h3>
+{{ ch.svg }}
+<p>{{ ch.a.labels.accept }} accept / {{ ch.a.labels.reject }} reject · AUC {{ ch.a.auc|num(3) }}{% if ch.a.auc_interval %} [{{ ch.a.auc_interval[0]|num(3) }}, {{ ch.a.auc_interval[1]|num(3) }}]{% endif %}{% if ch.a.direction %} · {{ ch.a.direction }}{% if not ch.a.separates %} <span class="muted">(not settled: the interval contains 0.5)</span>{% endif %}{% endif %}</p>
+{% if ch.a.at_precision %}<p>precision ≥ {{ c.settings.target_precision }}: <b>{{ ch.a.bound }} {{ ch.a.at_precision.threshold|num }}</b>{% if ch.a.at_precision.interval %} [{{ ch.a.at_precision.interval[0]|num }}, {{ ch.a.at_precision.interval[1]|num }}]{% endif %} · recall {{ ch.a.at_precision.recall|num(3) }}</p>{% elif not ch.a.refused %}<p class="muted">no threshold reaches precision {{ c.settings.target_precision }}</p>{% endif %}
+{% if ch.a.best_f1 %}<p>best F1 {{ ch.a.best_f1.f1|num(3) }}: {{ ch.a.bound }} {{ ch.a.best_f1.threshold|num }}{% if ch.a.best_f1.interval %} [{{ ch.a.best_f1.interval[0]|num }}, {{ ch.a.best_f1.interval[1]|num }}]{% endif %}</p>{% endif %}
+{% if ch.a.refused %}<p class="muted">{{ ch.a.refused }}</p>{% endif %}
+<p class="muted">by recipe: {% for r, ra in ch.a.by_recipe.items() %}{{ r }} {{ ra.labels.accept }}/{{ ra.labels.reject }}{% if ra.at_precision %} → {{ ra.bound }} {{ ra.at_precision.threshold|num }}{% endif %}{% if not loop.last %} · {% endif %}{% endfor %}</p>
+</div>
+{% endfor %}
+</div>
+<details open><summary>suggested filters (filters-suggested.yaml)</summary><pre class="suggested">{{ c.suggestion.yaml }}</pre></details>
+{% else %}
+<p class="muted">No calibration yet: label samples in the <a href="#review">review view</a>, download labels.csv, then run <span class="mono">styledistill calibrate {{ s.run.uri }} --labels labels.csv</span>.</p>
+{% endif %}
 
 <h2>Throughput by stage</h2>
 {% if s.stages %}

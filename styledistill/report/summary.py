@@ -464,3 +464,26 @@ def _sources_summary(run_uri: str) -> dict[str, Any] | None:
         "ok_by_label": dict(sorted(ok_labels.items())),
         "failures": sorted(failures.values(), key=lambda e: (-e["count"], e["kind"])),
     }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Manifest rows for the review view and the calibration
+
+
+def iter_manifests(run_uri: str, wanted: tuple[str, ...], prefix: str | None = None):
+    """(shard name, table of the `wanted` columns that exist plus those starting with `prefix`) for every
+    complete shard, in shard order."""
+    shards_dir = uris.join(run_uri, SHARDS_DIR)
+    for name in list_shards(run_uri)[0]:
+        yield name, _read_columns(uris.join(shards_dir, name + ".parquet"), wanted, prefix)
+
+
+def manifest_rows(run_uri: str, wanted: tuple[str, ...], prefix: str | None = None) -> list[dict[str, Any]]:
+    """Every row of the complete shards as a dict (the `wanted` columns, the `prefix` ones, and `_shard`,
+    the shard's name). For what reads a few columns of every sample: the review sample, the calibration."""
+    rows = []
+    for name, table in iter_manifests(run_uri, wanted, prefix):
+        for row in table.to_pylist():
+            row["_shard"] = name
+            rows.append(row)
+    return rows
