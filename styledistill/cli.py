@@ -169,6 +169,26 @@ def refilter(run_folder: str = typer.Argument(..., help="A finished run folder (
     typer.echo(out)
 
 
+@app.command()
+def audit(config: Path = ConfigArg, overrides: list[str] = SetOpt, out: Optional[str] = OutOpt,
+          ray_address: Optional[str] = RayOpt,
+          inline: bool = typer.Option(False, help="No Ray: every stage in this process (debugging).")):
+    """Score (and filter) any triplet dataset: webdataset tars, a parquet/CSV manifest or a run folder."""
+    from styledistill.pipeline.audit import audit_pipeline
+    from styledistill.schemas.audit import load_audit_config
+
+    try:
+        cfg = load_audit_config(config, [*overrides, *([f"output.uri={out}"] if out else [])])
+        outcome = audit_pipeline(cfg, ray_address=ray_address, inline=inline)
+    except (*USER_ERRORS, StageStartError) as err:
+        _fail(err)
+    counts = outcome.counts
+    console.print(f"{outcome.shards} shards ({outcome.skipped_shards} already done): accepted {counts['accepted']}, "
+                  f"rejected {counts['rejected']}, failed {counts['failed']} in {outcome.wall_s:.1f}s")
+    console.print(f"report: {outcome.report_path}")
+    typer.echo(outcome.run_uri)
+
+
 @app.command("sample-data")
 def sample_data(out_dir: Path = typer.Argument(Path("runs/sample-data")),
                 bad_files: bool = typer.Option(True, help="Add a few broken files, to show how they are recorded.")):
