@@ -295,7 +295,7 @@ class AuditPlanner:
         totals: Counter = Counter()
         for report in self.reports:
             totals.update(report.skipped)
-        return {"inputs": [spec.model_dump(mode="json", exclude_none=True) for spec in self.config.inputs],
+        return {"inputs": [spec.model_dump(mode="json") for spec in self.config.inputs],
                 "files": [r.as_json() for r in self.reports],
                 "samples": sum(r.samples for r in self.reports),
                 "unreadable_files": sum(r.error is not None for r in self.reports),
@@ -313,8 +313,8 @@ def to_group(sample: AuditSample, shard: int, occurrence: int = 0) -> Group:
         if isinstance(value, bytes):
             payload[slot] = value
             sources[slot] = SourceImage(name, UNKNOWN_LABEL, _sha256(value), 0, 0)
-        elif isinstance(value, str):
-            sources[slot] = SourceImage(value, UNKNOWN_LABEL, "", 0, 0)
+        else:  # a path to read (manifest), or where the missing image should have been (the problem says why)
+            sources[slot] = SourceImage(value if isinstance(value, str) else name, UNKNOWN_LABEL, "", 0, 0)
     triplet = Triplet(key, sample.recipe, CONTENT, STYLE, TARGET, sample.instruction)
     return Group(f"grp_{ident}", shard, sources, (), (triplet,), 0, payload=payload, problems=dict(sample.problems))
 

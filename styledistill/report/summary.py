@@ -257,6 +257,7 @@ def build_summary(run_uri: str) -> dict[str, Any]:
             "metrics_present": bool(metrics),
         },
         "sources": _sources_summary(run_uri),
+        "audit": _audit_summary(run_uri),
         "shards": shard_rows,
     }
 
@@ -463,4 +464,24 @@ def _sources_summary(run_uri: str) -> dict[str, Any] | None:
         "by_pool": {pool: dict(sorted(c.items())) for pool, c in sorted(by_pool.items())},
         "ok_by_label": dict(sorted(ok_labels.items())),
         "failures": sorted(failures.values(), key=lambda e: (-e["count"], e["kind"])),
+    }
+
+
+AUDIT_INPUTS_FILE = "inputs.json"  # written by an audit (pipeline/audit.py): where its samples came from
+
+
+def _audit_summary(run_uri: str) -> dict[str, Any] | None:
+    """An audit's inputs: each input file with its samples, skipped members by reason and read error."""
+    uri = uris.join(run_uri, AUDIT_INPUTS_FILE)
+    if not uris.exists(uri):
+        return None
+    data = _read_json(uri)
+    files = data.get("files") or []
+    return {
+        "inputs": data.get("inputs") or [],
+        "samples": data.get("samples", 0),
+        "skipped": data.get("skipped") or {},
+        "unreadable_files": [f for f in files if f.get("error")],
+        "files": files[:200],
+        "file_count": len(files),
     }
