@@ -49,7 +49,7 @@ from styledistill.schemas.audit import UNKNOWN_RECIPE, AuditConfig, AuditInput, 
 from styledistill.schemas.config import ConfigError
 from styledistill.schemas.records import Group, ShardResult, SourceImage, Triplet
 
-INPUTS_FILE = "inputs.json"
+INPUTS_FILE = mf.AUDIT_INPUTS_FILE
 CONTENT, STYLE, TARGET = "c", "s0", "t"  # "t" is not a generation slot: no parent verdict is inherited
 ROLE_SLOTS = {"content": CONTENT, "style": STYLE, "target": TARGET}
 UNKNOWN_LABEL = "unknown"

@@ -24,6 +24,7 @@ from styledistill.schemas.recipes import GENERATION_RECIPE, RECIPE_NAMES, recipe
 from styledistill.schemas.stages import STAGE_ORDER
 from styledistill.schemas.manifest import (
     ACCEPTED,
+    AUDIT_INPUTS_FILE,
     FAILED,
     METRICS_FILE,
     REJECTED,
@@ -465,9 +466,6 @@ def _sources_summary(run_uri: str) -> dict[str, Any] | None:
         "ok_by_label": dict(sorted(ok_labels.items())),
         "failures": sorted(failures.values(), key=lambda e: (-e["count"], e["kind"])),
     }
-
-
-AUDIT_INPUTS_FILE = "inputs.json"  # written by an audit (pipeline/audit.py): where its samples came from
 
 
 def _audit_summary(run_uri: str) -> dict[str, Any] | None:
