@@ -119,11 +119,17 @@ def plan(config: Path = ConfigArg, overrides: list[str] = SetOpt, out: Optional[
 
 
 @app.command()
-def report(run_folder: str = typer.Argument(..., help="A run folder (local path or URL).")):
-    """Regenerate summary.json and report.html from a run folder."""
+def report(run_folders: list[str] = typer.Argument(..., help="A run or audit folder; two or more to compare them."),
+           out: str = typer.Option("compare.html", "--out", "-o", help="Where a comparison page goes.")):
+    """Regenerate summary.json and report.html from a run folder; with several folders, compare them side by side."""
     from styledistill.report import write_report
 
-    summary_path, html_path = write_report(run_folder)
+    if len(run_folders) > 1:
+        from styledistill.report.compare import write_comparison
+
+        typer.echo(write_comparison(run_folders, out))
+        return
+    summary_path, html_path = write_report(run_folders[0])
     console.print(f"summary: {summary_path}")
     typer.echo(html_path)
 
@@ -218,10 +224,11 @@ def demo(workdir: Path = typer.Option(Path("runs"), help="Where the sample data,
 @app.command()
 def benchmark(n: int = typer.Option(8, help="Content photos per measured run (samples = n x triplets_per_photo)."),
               workdir: Path = typer.Option(Path("runs/benchmark")),
-              scale: int = typer.Option(10, help="Also measure at scale x n photos (memory must stay flat).")):
+              scale: int = typer.Option(10, help="Also measure at scale x n photos (memory must stay flat)."),
+              audit: bool = typer.Option(False, "--audit", help="Measure `audit` (the demo's own shards) instead.")):
     """Pipeline on local Ray vs a bare in-process loop over the same models: samples/s and peak memory."""
-    from styledistill.tools.bench import run_benchmark
+    from styledistill.tools.bench import run_audit_benchmark, run_benchmark
 
-    run_benchmark(n, workdir, scale, console)
+    (run_audit_benchmark if audit else run_benchmark)(n, workdir, scale, console)
 
 app.add_typer(train_app, name="train", help="Train TeleStyle V2 from the shards (SFT, DMD).")

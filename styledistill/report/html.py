@@ -325,7 +325,7 @@ TEMPLATE = (
 <h2>Data audited</h2>
 <p>{{ s.audit.samples|num }} samples read from {{ s.audit.file_count|num }} input file(s) of {{ s.audit.inputs|length }} input(s){% if s.audit.unreadable_files %}; <b>{{ s.audit.unreadable_files|length }} not readable to the end</b>{% endif %}.</p>
 <table><tr><th class="l">kind</th><th class="l">uri</th><th class="l">roles</th><th class="l">recipe</th></tr>
-{% for inp in s.audit.inputs %}<tr><td class="l">{{ inp.kind }}</td><td class="l mono">{{ ([inp.uri] if inp.uri else [])|join(", ") }}{{ (inp.uris or [])|join(", ") }}</td><td class="l mono">{% if inp.roles %}{% for r, m in inp.roles|dictsort %}{% if m %}{{ r }}: {{ m }} {% endif %}{% endfor %}{% else %}(run folder){% endif %}</td><td class="l mono">{{ inp.recipe or inp.recipe_field or "unknown" }}</td></tr>{% endfor %}
+{% for inp in s.audit.inputs %}<tr><td class="l">{{ inp.get("kind") }}</td><td class="l mono">{{ (([inp.uri] if inp.get("uri") else []) + (inp.get("uris") or []))|join(", ") }}</td><td class="l mono">{% if inp.get("roles") %}{% for r, m in inp.roles|dictsort %}{% if m %}{{ r }}: {{ m }} {% endif %}{% endfor %}{% else %}(run folder){% endif %}</td><td class="l mono">{{ inp.get("recipe") or inp.get("recipe_field") or "unknown" }}</td></tr>{% endfor %}
 </table>
 {% if s.audit.skipped %}<table><tr><th class="l">skipped while reading</th><th>count</th></tr>{% for reason, n in s.audit.skipped|dictsort %}<tr><td class="l">{{ reason }}</td><td>{{ n|num }}</td></tr>{% endfor %}</table>{% endif %}
 {% if s.audit.unreadable_files %}<div class="warn">{% for f in s.audit.unreadable_files[:20] %}<div class="mono">{{ f.uri }}: {{ f.error }} (after {{ f.samples }} samples)</div>{% endfor %}</div>{% endif %}
