@@ -303,6 +303,14 @@ def test_audit_of_a_csv_manifest_reads_paths_per_role(tmp_path):
     assert list(rows.recipe) == ["rnr", "snr", "rns", "rns"]
     assert list(rows.status.eq(mf.FAILED)) == [False, False, True, True]
     assert "file not found" in rows.error[2] and "column 'style' empty" in rows.error[3]
+    assert json.loads(rows.lineage[0])["target"]["source"]["uri"] == str(folder / "t0.png")
+
+    from styledistill.report.compare import write_comparison
+
+    write_comparison([str(tmp_path / "out"), str(tmp_path / "out")], str(tmp_path / "compare.html"))
+    page = (tmp_path / "compare.html").read_text()
+    assert "Datasets compared" in page and "score.noop.pixel_diff" in page and "manifest: " in page
+    assert json.loads((tmp_path / "compare.json").read_text())["datasets"][0]["totals"]["samples"] == 4
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -356,3 +364,9 @@ def test_auditing_the_demo_run_reproduces_its_scores_on_ray(sample_data, tmp_pat
             inherited = source.reasons.map(lambda r: any(x.startswith("parent ") for x in r))
             assert list(audited.status[~inherited]) == list(source.status[~inherited])
     assert (tmp_path / "audit" / mf.REPORT_FILE).exists()
+    # The demo and its audit side by side.
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "demo"), str(tmp_path / "audit"),
+                                      "--out", str(tmp_path / "compare.html")])
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "compare.html").read_text()
+    assert "Datasets compared" in page and "score.effnet.content_cos" in page and "run: " in page
