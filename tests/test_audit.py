@@ -190,6 +190,12 @@ def test_tar_reader_records_every_hostile_member_and_reads_nothing_it_should_not
         assert samples and samples[0].error is None and len(samples[0].members) == 5  # the first sample is whole
 
 
+def test_a_huge_extended_header_is_refused_before_it_is_read(tmp_path):
+    huge = write_tar(tmp_path / "pax.tar", [*good_sample("ok", 1), ("x" * (2 * 1024**2) + ".src.jpg", b"1")])
+    samples, report = _read(huge)
+    assert "extended header" in report.error and [s.key for s in samples] == ["ok"]
+
+
 def test_gzip_bomb_is_cut_at_max_tar_bytes(tmp_path):
     bomb = gzip_bomb(tmp_path / "bomb.tar.gz", 64 * 1024**2)
     assert bomb.stat().st_size < 200_000

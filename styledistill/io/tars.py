@@ -9,6 +9,7 @@ Safe on untrusted tars. The reader streams (one sample in memory at a time) and 
   does a key seen earlier in the same tar (non-adjacent) or the same member twice in one sample;
 - the decompressed stream of a `.tar.gz` / `.tar.bz2` / `.tar.xz` is cut at `max_tar_bytes` (a gzip bomb
   ends the read with an error, never fills memory or disk);
+- an extended (pax / GNU long-name) header over 1 MiB ends the read (tarfile would hold it in memory);
 - a truncated or corrupt tar ends the read with an error that says where; the samples read before it are
   kept. Python's tarfile ends quietly on a bad header after the first member, so the end of the stream is
   checked here: the bytes after the last member must be the zero end-of-archive blocks.
@@ -136,6 +137,20 @@ class _BoundedStream:
         return joined[offset - chunks[0][0]:]
 
 
+MAX_HEADER_BYTES = 1024**2  # pax / GNU long-name headers: tarfile reads them whole into memory
+
+
+class _SafeTarInfo(tarfile.TarInfo):
+    """Refuses an extended header (pax, GNU long name) larger than MAX_HEADER_BYTES before tarfile reads it."""
+
+    def _proc_member(self, tarfile_):
+        extended = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                    tarfile.GNUTYPE_LONGLINK)
+        if self.type in extended and self.size > MAX_HEADER_BYTES:
+            raise tarfile.SubsequentHeaderError(f"extended header of {self.size} bytes (over {MAX_HEADER_BYTES})")
+        return super()._proc_member(tarfile_)
+
+
 def _decompressed(raw):
     head = raw.read(6)
     raw.seek(0)
@@ -173,7 +188,7 @@ def iter_tar_samples(uri: str, limits: TarLimits = TarLimits(), report: TarSkips
     with raw_file as raw:
         try:
             stream = _BoundedStream(_decompressed(raw), limits.max_tar_bytes)
-            with tarfile.open(fileobj=stream, mode="r|") as tar:
+            with tarfile.open(fileobj=stream, mode="r|", tarinfo=_SafeTarInfo) as tar:
                 for info in tar:
                     if info.isdir():
                         report.add(DIRECTORY)

@@ -92,7 +92,7 @@ def expand_uris(patterns: list[str]) -> list[str]:
     for pattern in patterns:
         for uri in braceexpand.braceexpand(pattern):
             out += uris.glob(uri) if any(c in uri for c in GLOB_CHARS) else [uri]
-    return out
+    return list(dict.fromkeys(out))  # a file listed twice is read once
 
 
 # ----------------------------------------------------------------------------------------------------------
