@@ -102,8 +102,10 @@ def check_backends(config: RunConfig) -> None:
     """Every configured backend exists and accepts its options, and every filter rule reads a score some
     configured scorer writes. Run before any work, so a typo fails in a second, not after the GPU hours.
     Loads no weights."""
-    specs = [("generator", config.generator), *(("scorer", spec) for spec in config.scorers)]
-    specs += [(kind, spec) for kind, spec in (("enhancer", config.enhancer), ("labeler", config.labeler)) if spec]
+    # An audit config has scorers and filters only (no generator, enhancer or labeler).
+    specs = [(kind, getattr(config, kind, None)) for kind in ("generator", "enhancer", "labeler")]
+    specs = [*((k, s) for k, s in specs[:1] if s), *(("scorer", spec) for spec in config.scorers),
+             *((k, s) for k, s in specs[1:] if s)]
     for kind, spec in specs:
         _checked_build(kind, spec)
     check_rules(config)

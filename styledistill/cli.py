@@ -119,13 +119,19 @@ def plan(config: Path = ConfigArg, overrides: list[str] = SetOpt, out: Optional[
 
 
 @app.command()
-def report(run_folder: str = typer.Argument(..., help="A run folder (local path or URL)."),
+def report(run_folders: list[str] = typer.Argument(..., help="A run or audit folder; two or more to compare them."),
+           out: str = typer.Option("compare.html", "--out", "-o", help="Where a comparison page goes."),
            review: int = typer.Option(4, "--review", min=0,
                                       help="Triplets per recipe x status in the review view (0: none).")):
-    """Regenerate summary.json and report.html from a run folder."""
+    """Regenerate summary.json and report.html from a run folder; with several folders, compare them side by side."""
     from styledistill.report import write_report
 
-    summary_path, html_path = write_report(run_folder, review_per_cell=review)
+    if len(run_folders) > 1:
+        from styledistill.report.compare import write_comparison
+
+        typer.echo(write_comparison(run_folders, out))
+        return
+    summary_path, html_path = write_report(run_folders[0], review_per_cell=review)
     console.print(f"summary: {summary_path}")
     typer.echo(html_path)
 
@@ -171,6 +177,26 @@ def refilter(run_folder: str = typer.Argument(..., help="A finished run folder (
     typer.echo(out)
 
 
+@app.command()
+def audit(config: Path = ConfigArg, overrides: list[str] = SetOpt, out: Optional[str] = OutOpt,
+          ray_address: Optional[str] = RayOpt,
+          inline: bool = typer.Option(False, help="No Ray: every stage in this process (debugging).")):
+    """Score (and filter) any triplet dataset: webdataset tars, a parquet/CSV manifest or a run folder."""
+    from styledistill.pipeline.audit import audit_pipeline
+    from styledistill.schemas.audit import load_audit_config
+
+    try:
+        cfg = load_audit_config(config, [*overrides, *([f"output.uri={out}"] if out else [])])
+        outcome = audit_pipeline(cfg, ray_address=ray_address, inline=inline)
+    except (*USER_ERRORS, StageStartError) as err:
+        _fail(err)
+    counts = outcome.counts
+    console.print(f"{outcome.shards} shards ({outcome.skipped_shards} already done): accepted {counts['accepted']}, "
+                  f"rejected {counts['rejected']}, failed {counts['failed']} in {outcome.wall_s:.1f}s")
+    console.print(f"report: {outcome.report_path}")
+    typer.echo(outcome.run_uri)
+
+
 @app.command("sample-data")
 def sample_data(out_dir: Path = typer.Argument(Path("runs/sample-data")),
                 bad_files: bool = typer.Option(True, help="Add a few broken files, to show how they are recorded.")):
@@ -200,11 +226,13 @@ def demo(workdir: Path = typer.Option(Path("runs"), help="Where the sample data,
 @app.command()
 def benchmark(n: int = typer.Option(8, help="Content photos per measured run (samples = n x triplets_per_photo)."),
               workdir: Path = typer.Option(Path("runs/benchmark")),
-              scale: int = typer.Option(10, help="Also measure at scale x n photos (memory must stay flat).")):
+              scale: int = typer.Option(10, help="Also measure at scale x n photos (memory must stay flat)."),
+              audit: bool = typer.Option(False, "--audit", help="Measure `audit` (the demo's own shards) instead.")):
     """Pipeline on local Ray vs a bare in-process loop over the same models: samples/s and peak memory."""
-    from styledistill.tools.bench import run_benchmark
+    from styledistill.tools.bench import run_audit_benchmark, run_benchmark
 
-    run_benchmark(n, workdir, scale, console)
+    (run_audit_benchmark if audit else run_benchmark)(n, workdir, scale, console)
+
 
 @app.command()
 def calibrate(run_folder: str = typer.Argument(..., help="A run folder (local path or URL)."),

@@ -28,7 +28,8 @@ import yaml
 
 from styledistill.filters.decide import band, decide, generation_reasons
 from styledistill.io import uris
-from styledistill.report.summary import manifest_rows, score_column
+from styledistill.schemas.manifest import score_column
+from styledistill.schemas.run_reader import manifest_rows
 from styledistill.schemas import manifest as mf
 from styledistill.schemas.config import FilterConfig, Rule
 from styledistill.schemas.recipes import GENERATION_RECIPE, RECIPES, recipe_sorted

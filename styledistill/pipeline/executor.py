@@ -255,7 +255,7 @@ class RayExecutor:
                     break
                 shard, batch, last = item
                 state = shards.setdefault(shard, _OpenShard())
-                state.batches.append(batch)
+                state.batches.append([g.without_payload() for g in batch])  # the writer needs no bytes
                 state.planned = last
                 queues[0].append((shard, len(state.batches) - 1, [GroupWork(g) for g in batch]))
             self._dispatch(queues, write_queue, shards, in_flight)

@@ -91,17 +91,29 @@ class LoadStage(Stage):
     """Read and normalise each source image of a group, sized by the resolution rules."""
 
     def process(self, batch):
-        res = self.config.resolution
+        res = self.config.resolution  # an audit without `resolution` scores its images as stored
         for work in batch:
-            for slot, source in work.group.sources.items():
+            group = work.group
+            for slot, reason in group.problems.items():  # what an audit's reader found wrong
+                work.fail(slot, reason)
+            for slot, source in group.sources.items():
+                if slot in work.errors:
+                    continue
                 try:
-                    loaded = images.load_image(source.uri, self.config.decode)
-                    if loaded.sha256 != source.sha256:
-                        raise images.ImageError(f"file changed since the scan: {source.uri}")
-                    prepare = images.prepare_content if slot == CONTENT_SLOT else images.prepare_style
-                    work.images[slot] = prepare(loaded.array, res)
+                    if slot in group.payload:  # an audited sample's bytes, read from its tar
+                        array = images.decode_image(group.payload[slot], self.config.decode)
+                    else:
+                        loaded = images.load_image(source.uri, self.config.decode)
+                        if source.sha256 and loaded.sha256 != source.sha256:
+                            raise images.ImageError(f"file changed since the scan: {source.uri}")
+                        array = loaded.array
+                    if res is not None:
+                        prepare = images.prepare_content if slot == CONTENT_SLOT else images.prepare_style
+                        array = prepare(array, res)
+                    work.images[slot] = array
                 except Exception as err:  # noqa: BLE001 - any failure of one file is recorded, never raised
                     work.fail(slot, f"{slot} ({source.uri}): {err}")
+            work.group = group.without_payload()  # decoded: the bytes need not travel further
         return batch
 
 

@@ -104,7 +104,7 @@ class ShardWriter:
         return row, sample
 
     def _instruction(self, triplet: Triplet, prompts: dict | None) -> str:
-        if not (self.config.prompt.append_enhanced and prompts):
+        if not prompts or not self.config.prompt.append_enhanced:  # an audit has neither
             return triplet.instruction
         from styledistill.generation.enhancer import enhanced_instruction
 

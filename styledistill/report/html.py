@@ -265,7 +265,7 @@ def collect_review(run_uri: str, per_cell: int, height: int = REVIEW_HEIGHT) -> 
     """A stratified sample, `per_cell` triplets per recipe x status (accepted, rejected), with their images
     read from the tars (streamed, never extracted) and embedded as downscaled JPEG data: URIs. Rejected
     samples have images only when the run wrote rejects; failed ones never have any."""
-    from styledistill.report.summary import manifest_rows
+    from styledistill.schemas.run_reader import manifest_rows
 
     out: dict[str, Any] = {"items": [], "cells": [], "without_images": {}, "per_cell": per_cell}
     if per_cell <= 0:
@@ -499,6 +499,16 @@ TEMPLATE = (
   {% if s.totals.stats_without_manifest %}<div>{{ s.totals.stats_without_manifest|length }} stats file(s) without a manifest: <span class="mono">{{ s.totals.stats_without_manifest[:20]|join(", ") }}</span></div>{% endif %}
   {% if s.totals.inconsistent_shards %}<div>{{ s.totals.inconsistent_shards|length }} shard(s) whose stats counts differ from their manifest: <span class="mono">{{ s.totals.inconsistent_shards[:20]|join(", ") }}</span></div>{% endif %}
 </div>
+{% endif %}
+
+{% if s.audit is defined and s.audit %}
+<h2>Data audited</h2>
+<p>{{ s.audit.samples|num }} samples read from {{ s.audit.file_count|num }} input file(s) of {{ s.audit.inputs|length }} input(s){% if s.audit.unreadable_files %}; <b>{{ s.audit.unreadable_files|length }} not readable to the end</b>{% endif %}.</p>
+<table><tr><th class="l">kind</th><th class="l">uri</th><th class="l">roles</th><th class="l">recipe</th></tr>
+{% for inp in s.audit.inputs %}<tr><td class="l">{{ inp.get("kind") }}</td><td class="l mono">{{ (([inp.uri] if inp.get("uri") else []) + (inp.get("uris") or []))|join(", ") }}</td><td class="l mono">{% if inp.get("roles") %}{% for r, m in inp.roles|dictsort %}{% if m %}{{ r }}: {{ m }} {% endif %}{% endfor %}{% else %}(run folder){% endif %}</td><td class="l mono">{{ inp.get("recipe") or inp.get("recipe_field") or "unknown" }}</td></tr>{% endfor %}
+</table>
+{% if s.audit.skipped %}<table><tr><th class="l">skipped while reading</th><th>count</th></tr>{% for reason, n in s.audit.skipped|dictsort %}<tr><td class="l">{{ reason }}</td><td>{{ n|num }}</td></tr>{% endfor %}</table>{% endif %}
+{% if s.audit.unreadable_files %}<div class="warn">{% for f in s.audit.unreadable_files[:20] %}<div class="mono">{{ f.uri }}: {{ f.error }} (after {{ f.samples }} samples)</div>{% endfor %}</div>{% endif %}
 {% endif %}
 
 <h2>Decisions by recipe</h2>

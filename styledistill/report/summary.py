@@ -21,14 +21,17 @@ from styledistill.filters.decide import Reason, band
 from styledistill.io import uris
 from styledistill.schemas.config import Rule
 from styledistill.schemas.recipes import GENERATION_RECIPE, RECIPE_NAMES, recipe_sorted
+from styledistill.schemas.run_reader import list_shards, read_columns
 from styledistill.schemas.stages import STAGE_ORDER
 from styledistill.schemas.manifest import (
     ACCEPTED,
+    AUDIT_INPUTS_FILE,
     FAILED,
     METRICS_FILE,
     REJECTED,
     RUN_FILE,
     SCORE_PREFIX,
+    score_column,
     SHARDS_DIR,
     SOURCES_FILE,
     STATS_SUFFIX,
@@ -67,12 +70,6 @@ def error_kind(text: str) -> str:
 # Filter thresholds from the config, for the histograms
 
 
-def score_column(score: str) -> str:
-    """The manifest column a rule's `score` is drawn on. A generation rule judges each V1 output's
-    (c, s_i, r_i) view, which the manifests record only as an RnS triplet: it is drawn on the triplet column."""
-    return score if score.startswith(SCORE_PREFIX) else SCORE_PREFIX + score
-
-
 def rule_thresholds(filters: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     """Column -> threshold lines {bound, value, recipes (None = every recipe), level}, merged by value."""
     lines: dict[tuple, set[str]] = defaultdict(set)
@@ -103,30 +100,9 @@ def _read_json(uri: str) -> Any:
     return json.loads(uris.read_bytes(uri))
 
 
-def _read_columns(uri: str, wanted: tuple[str, ...], prefix: str | None = None) -> pa.Table:
-    """The `wanted` columns that exist, plus any starting with `prefix`. Only those column chunks are read,
-    so the other columns of a manifest (lineage, notes) never leave storage."""
-    with uris.open_for_read(uri) as f:
-        parquet = pq.ParquetFile(f)
-        names = parquet.schema_arrow.names
-        columns = [c for c in wanted if c in names] + [c for c in names if prefix and c.startswith(prefix)]
-        return parquet.read(columns=columns)
-
-
 def _column(table: pa.Table, name: str, default: Any = None) -> list:
     return table.column(name).to_pylist() if name in table.column_names else [default] * table.num_rows
 
-
-
-def list_shards(run_uri: str) -> tuple[list[str], list[str], list[str]]:
-    """(complete, incomplete, stats_without_manifest) shard names: a shard is complete once its stats exist."""
-    shards_dir = uris.join(run_uri, SHARDS_DIR)
-    if not uris.exists(shards_dir):
-        return [], [], []
-    names = set(uris.listdir(shards_dir))
-    manifests = {n[: -len(".parquet")] for n in names if n.endswith(".parquet")}
-    stats = {n[: -len(STATS_SUFFIX)] for n in names if is_stats_name(n)}
-    return sorted(manifests & stats), sorted(manifests - stats), sorted(stats - manifests)
 
 
 class _ScoreValues:
@@ -181,7 +157,7 @@ def build_summary(run_uri: str) -> dict[str, Any]:
     shards_dir = uris.join(run_uri, SHARDS_DIR)
     for name in complete:
         stats = _read_json(uris.join(shards_dir, stats_name(name)))
-        table = _read_columns(uris.join(shards_dir, name + ".parquet"), MANIFEST_READ_COLUMNS, SCORE_PREFIX)
+        table = read_columns(uris.join(shards_dir, name + ".parquet"), MANIFEST_READ_COLUMNS, SCORE_PREFIX)
         score_columns = [c for c in table.column_names if c.startswith(SCORE_PREFIX)]
         recipes, statuses = _column(table, "recipe"), _column(table, "status")
         reason_lists, errors = _column(table, "reasons"), _column(table, "error")
@@ -257,6 +233,7 @@ def build_summary(run_uri: str) -> dict[str, Any]:
             "metrics_present": bool(metrics),
         },
         "sources": _sources_summary(run_uri),
+        "audit": _audit_summary(run_uri),
         "shards": shard_rows,
     }
 
@@ -444,7 +421,7 @@ def _sources_summary(run_uri: str) -> dict[str, Any] | None:
     uri = uris.join(run_uri, SOURCES_FILE)
     if not uris.exists(uri):
         return None
-    table = _read_columns(uri, ("uri", "pool", "label", "status", "error"))
+    table = read_columns(uri, ("uri", "pool", "label", "status", "error"))
     statuses, pools, labels = _column(table, "status"), _column(table, "pool", ""), _column(table, "label")
     by_pool: dict[str, Counter] = defaultdict(Counter)
     failures: dict[str, dict[str, Any]] = {}
@@ -466,24 +443,18 @@ def _sources_summary(run_uri: str) -> dict[str, Any] | None:
     }
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Manifest rows for the review view and the calibration
-
-
-def iter_manifests(run_uri: str, wanted: tuple[str, ...], prefix: str | None = None):
-    """(shard name, table of the `wanted` columns that exist plus those starting with `prefix`) for every
-    complete shard, in shard order."""
-    shards_dir = uris.join(run_uri, SHARDS_DIR)
-    for name in list_shards(run_uri)[0]:
-        yield name, _read_columns(uris.join(shards_dir, name + ".parquet"), wanted, prefix)
-
-
-def manifest_rows(run_uri: str, wanted: tuple[str, ...], prefix: str | None = None) -> list[dict[str, Any]]:
-    """Every row of the complete shards as a dict (the `wanted` columns, the `prefix` ones, and `_shard`,
-    the shard's name). For what reads a few columns of every sample: the review sample, the calibration."""
-    rows = []
-    for name, table in iter_manifests(run_uri, wanted, prefix):
-        for row in table.to_pylist():
-            row["_shard"] = name
-            rows.append(row)
-    return rows
+def _audit_summary(run_uri: str) -> dict[str, Any] | None:
+    """An audit's inputs: each input file with its samples, skipped members by reason and read error."""
+    uri = uris.join(run_uri, AUDIT_INPUTS_FILE)
+    if not uris.exists(uri):
+        return None
+    data = _read_json(uri)
+    files = data.get("files") or []
+    return {
+        "inputs": data.get("inputs") or [],
+        "samples": data.get("samples", 0),
+        "skipped": data.get("skipped") or {},
+        "unreadable_files": [f for f in files if f.get("error")],
+        "files": files[:200],
+        "file_count": len(files),
+    }

@@ -13,6 +13,7 @@ them, so a layout change is one edit.
     <run>/shards/sizes.json            {shard tar name: accepted count}, where OpenCLIP looks for it
     <run>/wids-index.json              wids shard index, urls relative to the run folder
     <run>/summary.json, <run>/report.html       the quality report
+    <run>/inputs.json                  an audit only: what was read from each input file, what was skipped
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ WIDS_INDEX_FILE = "wids-index.json"
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.html"
 METRICS_FILE = "metrics.json"
+AUDIT_INPUTS_FILE = "inputs.json"  # an audit's inputs: per input file, samples read, members skipped, read error
 
 # Tar members of one sample: "<key>.<member>". The image extension follows output.image_format.
 CONTENT_MEMBER = "content"
@@ -39,6 +41,11 @@ META_MEMBER = "json"
 
 ACCEPTED, REJECTED, FAILED = "accepted", "rejected", "failed"
 SCORE_PREFIX = "score."  # manifest columns "score.<scorer>.<name>"
+
+
+def score_column(score: str) -> str:
+    """The manifest column of a score name ("effnet.content_cos" -> "score.effnet.content_cos")."""
+    return score if score.startswith(SCORE_PREFIX) else SCORE_PREFIX + score
 
 
 def shard_name(prefix: str, index: int) -> str:

@@ -7,6 +7,7 @@ addressed by *slot*: "c", "s0", "s1", "p0", "r0", "r1", ... so a triplet is thre
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +74,14 @@ class Group:
     generations: tuple[Generation, ...]
     triplets: tuple[Triplet, ...]
     seed: int
+    # An audited sample carries its own images (slot -> the bytes read from its input tar) and what its
+    # reader found wrong (slot -> reason); a planned group has neither and reads its sources by uri.
+    payload: dict[str, bytes] = field(default_factory=dict)
+    problems: dict[str, str] = field(default_factory=dict)
+
+    def without_payload(self) -> Group:
+        """The same group without its carried bytes (for whoever needs only its plan, e.g. the writer)."""
+        return dataclasses.replace(self, payload={}) if self.payload else self
 
 
 @dataclass

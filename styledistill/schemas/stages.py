@@ -39,9 +39,13 @@ class StageSpec:
     # The RunConfig field that must be set for the stage to run (None: it always runs).
     needs: str | None = None
     doc: str = ""
+    # The kinds of job it runs in: "run" (RunConfig) and "audit" (AuditConfig: scores existing triplets).
+    kinds: tuple[str, ...] = ("run", "audit")
 
     def enabled(self, config: RunConfig) -> bool:
-        return self.needs is None or getattr(config, self.needs) is not None
+        if getattr(config, "RUN_KIND", "run") not in self.kinds:
+            return False
+        return self.needs is None or getattr(config, self.needs, None) is not None
 
 
 # The batch chain, in pipeline order.
@@ -49,7 +53,7 @@ PIPELINE_STAGES: tuple[StageSpec, ...] = (
     StageSpec("load", "styledistill.pipeline.stages:LoadStage", StageResources(num_cpus=0.25),
               doc="read and size the source images"),
     StageSpec("generate", "styledistill.pipeline.stages:GenerateStage", StageResources(num_cpus=1.0),
-              doc="r_i = G(c, s_i)"),
+              kinds=("run",), doc="r_i = G(c, s_i)"),
     StageSpec("enhance", "styledistill.pipeline.stages:EnhanceStage", StageResources(num_cpus=1.0),
               needs="enhancer", doc="TeleStyle V2's prompt enhancer"),
     StageSpec("score", "styledistill.pipeline.stages:ScoreStage", StageResources(num_cpus=1.0),

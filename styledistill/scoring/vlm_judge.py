@@ -73,7 +73,8 @@ JUDGE_PROMPT = JUDGE_PROMPTS[GENERATION_RECIPE]  # V1's task: a generation view 
 
 def judge_prompt(recipe: str | None) -> str:
     """The judge's question for a view of `recipe` (a view without one is a generation view)."""
-    return JUDGE_PROMPTS[recipe or GENERATION_RECIPE]
+    # An audited triplet of unknown recipe is asked the generation view's question (a stylized target).
+    return JUDGE_PROMPTS.get(recipe or GENERATION_RECIPE, JUDGE_PROMPTS[GENERATION_RECIPE])
 
 
 SCORE_KEYS = {"style_consistency": "style", "content_preservation": "content", "image_quality": "quality"}

@@ -118,9 +118,66 @@ def run_benchmark(n: int, workdir: Path, scale: int, console: Console) -> list[M
     return results
 
 
+def run_audit_benchmark(n: int, workdir: Path, scale: int, console: Console) -> list[Measurement]:
+    """`audit` on local Ray against the same scorers in a bare in-process loop, on the demo's own shards at N
+    and scale x N photos (the runs audited are made first, inline, and not measured)."""
+    from styledistill.pipeline.run import run_pipeline
+    from styledistill.tools.sample_data import build_sample_data
+
+    sample_dir = workdir / "sample-data"
+    build_sample_data(sample_dir, with_bad_files=False)
+    photos_dir = build_photo_pool(sample_dir, workdir / f"photos-{n * scale}", n * scale)
+    results = []
+    for photos in (n, n * scale):
+        source = workdir / f"audited-{photos}"
+        if not (source / "wids-index.json").exists():
+            console.print(f"making the run to audit ({photos} photos, inline) ...")
+            config = load_config(Path(str(DEMO_CONFIG)), _demo_overrides(photos_dir, sample_dir / "stylized", source, photos)
+                                 + ["output.write_rejects=true"])
+            run_pipeline(config, inline=True, report=False)
+        for mode in ("audit-inline", "audit-ray"):
+            out = workdir / f"{mode}-{photos}-{int(time.time())}"
+            console.print(f"measuring {mode} on the run of {photos} photos ...")
+            results.append(measure(mode, source, source, photos, out))
+    table = Table("mode", "photos", "samples", "wall s", "samples/s", "peak PSS MB")
+    for m in results:
+        table.add_row(m.mode, str(m.photos), str(m.samples), f"{m.wall_s:.1f}", f"{m.samples_per_s:.2f}",
+                      f"{m.peak_pss_mb:.0f}")
+    console.print(table)
+    bare_n, ray_n, bare_big, ray_big = results
+    console.print(f"audit / bare loop throughput: {ray_n.samples_per_s / bare_n.samples_per_s:.2f}x at N, "
+                  f"{ray_big.samples_per_s / bare_big.samples_per_s:.2f}x at {scale}xN (target >= 0.9x)")
+    return results
+
+
+def _demo_overrides(photos_dir, styles_dir, out, photos: int) -> list[str]:
+    return [f"sources.0.uri={photos_dir}", f"sources.1.uri={styles_dir}", f"output.uri={out}",
+            f"plan.max_photos={photos}", "filters.dedup.phash_max_distance=null"]  # crops are meant as distinct
+
+
+def _audit_child(mode: str, run_dir: str, out: str) -> None:
+    """One measured audit of a run folder with the demo's scorers and filters."""
+    from styledistill.pipeline.audit import audit_pipeline
+    from styledistill.schemas.audit import parse_audit_config
+
+    demo = load_config(Path(str(DEMO_CONFIG)), [f"sources.0.uri={run_dir}", f"sources.1.uri={run_dir}"])
+    data = {"name": "benchmark-audit", "inputs": [{"kind": "run", "uri": run_dir}],
+            "scorers": [s.model_dump(mode="json") for s in demo.scorers],
+            "filters": demo.filters.model_dump(mode="json"), "stages": demo.stages.model_dump(mode="json"),
+            "ray": demo.ray.model_dump(mode="json"), "output": {"uri": out}, "samples_per_shard": 16}
+    if mode == "audit-inline":  # the bare loop's scorers get every core, as in the run benchmark
+        data["stages"]["score"]["num_cpus"] = os.cpu_count() or 1
+    outcome = audit_pipeline(parse_audit_config(data), inline=(mode == "audit-inline"), report=False)
+    print(json.dumps({"samples": sum(outcome.counts.values()), "wall_s": outcome.wall_s}))
+
+
 def _child(mode: str, photos_dir: str, styles_dir: str, photos: int, out: str) -> None:
     """One measured run; prints {"samples", "wall_s"} as its last line."""
     from styledistill.pipeline.run import run_pipeline
+
+    if mode.startswith("audit"):
+        _audit_child(mode, photos_dir, out)
+        return
 
     overrides = [f"sources.0.uri={photos_dir}", f"sources.1.uri={styles_dir}", f"output.uri={out}",
                  f"plan.max_photos={photos}", "filters.dedup.phash_max_distance=null"]  # crops are meant as distinct
