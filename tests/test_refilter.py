@@ -90,3 +90,23 @@ def test_cli_refilter_prints_the_diff_and_writes_the_report(runs, tmp_path):
     bad = CliRunner().invoke(app, ["refilter", str(runs / "source"), "--out", str(tmp_path / "bad"),
                                    "--set", "filters.rules.0.score=clip.content_cos"])
     assert bad.exit_code == 2 and "reads score 'clip.content_cos', which no configured scorer writes" in bad.output
+
+
+def test_the_curation_loop_calibrate_then_refilter_with_the_suggested_file(runs, tmp_path):
+    """Labels -> calibrate -> filters-suggested.yaml -> refilter --filters: the file is taken as it is."""
+    import pandas as pd
+
+    manifests = pd.concat(pd.read_parquet(p) for p in sorted((runs / "source" / mf.SHARDS_DIR).glob("*.parquet")))
+    scored = manifests[manifests.status != mf.FAILED]
+    labels = tmp_path / "labels.csv"
+    labels.write_text("key,label\n" + "".join(
+        f"{key},{'accept' if score > 0.55 else 'reject'}\n"
+        for key, score in zip(scored.key, scored["score.effnet.content_cos"])))
+    runner = CliRunner()
+    calibrated = runner.invoke(app, ["calibrate", str(runs / "source"), "--labels", str(labels)])
+    assert calibrated.exit_code == 0, calibrated.output
+    suggested = calibrated.stdout.strip().splitlines()[-1]
+    result = runner.invoke(app, ["refilter", str(runs / "source"), "--out", str(tmp_path / "v2"),
+                                 "--filters", suggested])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "v2" / mf.SHARDS_DIR / mf.SIZES_FILE).exists()
