@@ -234,6 +234,16 @@ def benchmark(n: int = typer.Option(8, help="Content photos per measured run (sa
     (run_audit_benchmark if audit else run_benchmark)(n, workdir, scale, console)
 
 
+@app.command("benchmark-refilter")
+def benchmark_refilter(rows: int = typer.Option(10_000, help="Samples in the source run."),
+                       rows_per_shard: int = typer.Option(256, help="Samples per shard."),
+                       workdir: Path = typer.Option(Path("runs/benchmark-refilter"))):
+    """refilter over a large run vs a full rerun: wall time, samples/s, peak memory at 1/10 and all shards."""
+    from styledistill.tools.bench_refilter import run_refilter_benchmark
+
+    run_refilter_benchmark(rows, rows_per_shard, workdir, console)
+
+
 @app.command()
 def calibrate(run_folder: str = typer.Argument(..., help="A run folder (local path or URL)."),
               labels: str = typer.Option(..., "--labels", help="CSV with key,label (accept|reject), e.g. the "

@@ -1,8 +1,9 @@
 """Benchmark: `refilter` over a large run against what a user would do instead, a full rerun.
 
 A source run is built from the demo's real scores and images: the demo runs inline once (its samples/s is
-also the full-rerun rate), then its samples are repeated, with new keys, into `shards` shards of
-`rows_per_shard` rows, written through the same shard sink as a run. Refilter then runs in a child process
+also the full-rerun rate), then its samples are repeated, with new keys, into shards of `rows_per_shard`
+rows, written through the same shard sink as a run. Images are re-encoded as 96 px JPEG so 10k samples stay
+~100 MB on disk: refilter copies image bytes, it never decodes them, so their size only scales the I/O. Refilter then runs in a child process
 (wall time, peak PSS) over the first tenth of the shards and over all of them: memory must not grow with the
 number of shards (it streams one shard at a time).
 
@@ -11,13 +12,16 @@ number of shards (it streams one shard at a time).
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import shutil
 import sys
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
@@ -25,6 +29,7 @@ from styledistill.io.tars import read_samples
 from styledistill.schemas import manifest as mf
 from styledistill.tools.bench import DEMO_CONFIG, run_measured
 
+SHARD_INDEX = re.compile(r"-(\d{6})(?:\.|_stats)")
 # Loosen one demo rule and tighten another, so samples move both ways.
 CHANGE = ["filters.rules.1.min=-1", "filters.rules.3.min=0.07"]
 
@@ -54,15 +59,19 @@ def build_source(workdir: Path, rows: int, rows_per_shard: int) -> tuple[Path, f
 
     source = workdir / f"source-{rows}"
     shutil.rmtree(source, ignore_errors=True)
-    config = demo.model_copy(update={"output": demo.output.model_copy(update={"uri": str(source)})})
+    config = demo.model_copy(update={"output": demo.output.model_copy(update={"uri": str(source),
+                                                                               "image_format": "jpg"})})
+    data = json.loads((demo_uri / mf.RUN_FILE).read_text())
+    data["config"]["output"]["image_format"] = "jpg"
+    small = {key: _small_jpeg_sample(stored) for key, stored in samples.items()}
     (source / mf.SHARDS_DIR).mkdir(parents=True)
-    (source / mf.RUN_FILE).write_text((demo_uri / mf.RUN_FILE).read_text())
+    (source / mf.RUN_FILE).write_text(json.dumps(data))
     n = 0
     for shard in range((rows + rows_per_shard - 1) // rows_per_shard):
         with ShardSink(str(source), config.output, shard) as sink:
             for _ in range(min(rows_per_shard, rows - n)):
                 row = dict(rows_in[n % len(rows_in)])
-                stored = samples[row["key"]]
+                stored = small[row["key"]]
                 key = f"{row['key']}x{n}"  # a new sample: new key, and a signature no other sample has
                 row.update(key=key, shard=shard, content_sha256=f"{row['content_sha256']}x{n}")
                 sink.add(row, {"__key__": key, **stored})
@@ -72,8 +81,24 @@ def build_source(workdir: Path, rows: int, rows_per_shard: int) -> tuple[Path, f
     return source, pipeline_rate
 
 
-def _child(source: str, out: str, shards: int) -> None:
-    """Refilter the first `shards` shards of `source` (a copy of their folder); prints {"rows", "wall_s"}."""
+def _small_jpeg_sample(stored: dict[str, bytes]) -> dict[str, bytes]:
+    """The sample with its three images as 96 px high JPEG (members renamed .png -> .jpg)."""
+    out = {}
+    for member, data in stored.items():
+        role, _, ext = member.partition(".")
+        if ext == "png":
+            with Image.open(io.BytesIO(data)) as image:
+                small = image.convert("RGB").resize((max(1, image.width * 96 // image.height), 96))
+            buf = io.BytesIO()
+            small.save(buf, format="JPEG", quality=85)
+            out[f"{role}.jpg"] = buf.getvalue()
+        else:
+            out[member] = data
+    return out
+
+
+def _child(source: str, out: str) -> None:
+    """Refilter the run at `source` into `out`; prints {"rows", "wall_s"}."""
     from styledistill.pipeline.refilter import refilter_run, refiltered_config
     from styledistill.schemas.config import parse_config
 
@@ -88,15 +113,14 @@ def subset(source: Path, shards: int) -> Path:
     """The first `shards` shards of `source` as a run folder of their own (hard links, no copies)."""
     target = source.with_name(f"{source.name}-first{shards}")
     shutil.rmtree(target, ignore_errors=True)
-    (target / mf.SHARDS_DIR).mkdir(parents=True)
-    (target / mf.REJECTS_DIR).mkdir()
+    (target / mf.RUN_FILE).parent.mkdir(parents=True)
     (target / mf.RUN_FILE).write_text((source / mf.RUN_FILE).read_text())
-    for path in (source / mf.SHARDS_DIR).iterdir():
-        if path.name[:-len(path.suffix)].rsplit("-", 1)[-1][:6].isdigit() and int(path.name.split("-")[-1][:6]) < shards:
-            (target / mf.SHARDS_DIR / path.name).hardlink_to(path)
-    for path in (source / mf.REJECTS_DIR).iterdir():
-        if int(path.name.split("-")[-1][:6]) < shards:
-            (target / mf.REJECTS_DIR / path.name).hardlink_to(path)
+    for folder in (mf.SHARDS_DIR, mf.REJECTS_DIR):
+        (target / folder).mkdir()
+        for path in (source / folder).iterdir():
+            index = SHARD_INDEX.search(path.name)  # sizes.json and other indexes have none
+            if index and int(index.group(1)) < shards:
+                (target / folder / path.name).hardlink_to(path)
     return target
 
 
@@ -111,8 +135,7 @@ def run_refilter_benchmark(rows: int, rows_per_shard: int, workdir: Path, consol
         folder = source if count == shards else subset(source, count)
         out = workdir / f"refiltered-{count}"
         shutil.rmtree(out, ignore_errors=True)
-        result, peak = run_measured([sys.executable, "-m", "styledistill.tools.bench_refilter", str(folder), str(out),
-                                     str(count)])
+        result, peak = run_measured([sys.executable, "-m", "styledistill.tools.bench_refilter", str(folder), str(out)])
         peaks.append(peak)
         table.add_row("refilter", str(count), str(result["rows"]), f"{result['wall_s']:.1f}",
                       f"{result['rows'] / result['wall_s']:.0f}", f"{peak:.0f}")
@@ -124,4 +147,4 @@ def run_refilter_benchmark(rows: int, rows_per_shard: int, workdir: Path, consol
 
 
 if __name__ == "__main__":
-    _child(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    _child(sys.argv[1], sys.argv[2])
