@@ -108,16 +108,19 @@ def start_ray(config: RunConfig, address: str | None) -> None:
 
     if ray.is_initialized():
         return
-    address = address or config.ray.address
+    # Join a cluster only when asked: --ray-address, ray.address, or RAY_ADDRESS (set by Ray Jobs). A
+    # bare ray.init() would join any `ray start` cluster found on this machine (or the bootstrap file a
+    # crashed one left behind) and then refuse our num_cpus; "local" always starts a private Ray.
+    address = address or config.ray.address or os.environ.get("RAY_ADDRESS") or None
     if address:
-        ray.init(address=address, logging_level="ERROR")
+        ray.init(address=address, logging_level="ERROR")  # never num_cpus: the cluster has its own
         return
     # A local Ray gets enough logical CPUs for one actor of every stage: on a laptop-sized machine the
     # stages then share the cores instead of an actor waiting forever for a CPU that never frees up.
     wanted = sum(getattr(config.stages, s.name).num_cpus * getattr(config.stages, s.name).concurrency
                  for s in build_stages(config)) + config.stages.write.num_cpus * config.stages.write.concurrency
     num_cpus = config.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(wanted))
-    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR")
 
 
 def build_labeler(config: RunConfig, inline: bool):
