@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 from collections import Counter
 from importlib import resources
 from pathlib import Path
@@ -17,6 +19,7 @@ from rich.table import Table
 from styledistill.backends import BackendError, check_backends
 from styledistill.jobs.train.cli import train_app
 from styledistill.pipeline.executor import StageStartError
+from styledistill.pipeline.faults import RERUN, Interrupted
 from styledistill.pipeline.planner import PlanError
 from styledistill.schemas.config import ConfigError, RunConfig, load_config
 
@@ -73,6 +76,12 @@ def _run(config: RunConfig, ray_address: Optional[str], inline: bool) -> None:
             _fail(err)
         except StageStartError as err:  # no node for a GPU stage, missing weights, ...
             _fail(err)
+        except (Interrupted, KeyboardInterrupt) as err:  # Ctrl-C once (shards closed) or twice (at once)
+            progress.stop()
+            console.print(str(err) if isinstance(err, Interrupted) else f"interrupted: {RERUN}", soft_wrap=True)
+            # Ray's teardown at exit takes a few seconds: another Ctrl-C then ends it at once, silently.
+            signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+            raise typer.Exit(130) from None
     counts = outcome.counts
     console.print(f"{outcome.shards} shards ({outcome.skipped_shards} already done): accepted {counts['accepted']}, "
                   f"rejected {counts['rejected']}, failed {counts['failed']} in {outcome.wall_s:.1f}s")

@@ -48,6 +48,8 @@ def plan_batches(groups: Iterator[Group], groups_per_batch: int, skip_shard: Cal
 class InlineExecutor:
     """Every stage in this process, one batch at a time: the bare loop the Ray executor is measured against."""
 
+    stop_requested: Callable[[], bool] = staticmethod(lambda: False)  # Ctrl-C: set by run_pipeline
+
     def __init__(self, config: RunConfig, stages: list[Stage], writer: ShardWriter):
         self.config, self.stages, self.writer = config, stages, writer
 
@@ -57,6 +59,8 @@ class InlineExecutor:
             self.writer.run_meta.setdefault("models", {}).update(stage.model_info())
         pending: list[tuple[list[Group], list[GroupWork]]] = []
         for shard, batch, last in plan_batches(groups, self.config.ray.groups_per_batch, skip_shard):
+            if self.stop_requested():
+                return  # the open shard is dropped whole: the rerun redoes it
             works: list[GroupWork] | str = [GroupWork(g) for g in batch]
             for stage in self.stages:
                 try:
@@ -211,6 +215,8 @@ class _OpenShard:
 
 
 class RayExecutor:
+    stop_requested: Callable[[], bool] = staticmethod(lambda: False)  # Ctrl-C: set by run_pipeline
+
     def __init__(self, config: RunConfig, stages: list[Stage], writer: ShardWriter):
         self.config, self.stages, self.writer = config, stages, writer
         retries = config.ray.batch_retries
@@ -243,6 +249,13 @@ class RayExecutor:
         in_flight: dict = {}  # ref -> (pool index or -1 for the writer, actor, shard, batch index)
         exhausted = False
         while True:
+            if self.stop_requested():
+                # Ctrl-C: dispatch nothing new; shards whose batches are all through still get written.
+                exhausted = True
+                for queue in queues:
+                    queue.clear()
+                if not write_queue and not any(entry[0] < 0 for entry in in_flight.values()):
+                    return
             while not exhausted and self._room_for_more(shards):
                 item = next(batches, None)
                 if item is None:

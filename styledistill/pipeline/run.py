@@ -20,6 +20,7 @@ from importlib import metadata
 from styledistill.backends import check_backends
 from styledistill.pipeline import uris
 from styledistill.pipeline.executor import InlineExecutor, RayExecutor, RemoteLabeler, check_cluster_fits
+from styledistill.pipeline.faults import InterruptGuard, Interrupted
 from styledistill.pipeline.planner import Planner
 from styledistill.pipeline.scan import scan_sources
 from styledistill.pipeline.stages import build_backend, build_stages
@@ -180,7 +181,12 @@ def run_pipeline(config: RunConfig, *, ray_address: str | None = None, inline: b
             on_shard(result)
 
     start = time.perf_counter()
-    executor.run(counted(planner.groups()), lambda shard: shard in done, shard_done)
+    with InterruptGuard() as interrupt:
+        executor.stop_requested = interrupt
+        executor.run(counted(planner.groups()), lambda shard: shard in done, shard_done)
+    if interrupt.requested:
+        uris.remove_temp_files(run_uri)
+        raise Interrupted(f"{len(outcome.written)} shards written by this attempt")
     outcome.wall_s = time.perf_counter() - start
     write_indexes(config, run_uri, outcome.shards)
     _write_metrics(run_uri, config, outcome, inline)
