@@ -19,7 +19,7 @@ from rich.table import Table
 from styledistill.backends import BackendError, check_backends
 from styledistill.jobs.train.cli import train_app
 from styledistill.pipeline.executor import StageStartError
-from styledistill.pipeline.faults import RERUN, Interrupted
+from styledistill.pipeline.faults import RERUN, Interrupted, OutputWriteError
 from styledistill.pipeline.planner import PlanError
 from styledistill.schemas.config import ConfigError, RunConfig, load_config
 
@@ -74,7 +74,7 @@ def _run(config: RunConfig, ray_address: Optional[str], inline: bool) -> None:
                                    on_plan=on_plan, on_scan=lambda n: progress.advance(scan, n))
         except USER_ERRORS as err:
             _fail(err)
-        except StageStartError as err:  # no node for a GPU stage, missing weights, ...
+        except (StageStartError, OutputWriteError) as err:  # no node for a GPU stage, a full disk, ...
             _fail(err)
         except (Interrupted, KeyboardInterrupt) as err:  # Ctrl-C once (shards closed) or twice (at once)
             progress.stop()

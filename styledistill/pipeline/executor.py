@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from styledistill.pipeline.faults import OutputWriteError, write_shard
 from styledistill.pipeline.stages import Stage, build_backend, run_stage
 from styledistill.pipeline.writer import ShardWriter
 from styledistill.schemas.config import ModelSpec, RunConfig, StageResources
@@ -70,7 +71,7 @@ class InlineExecutor:
                     break
             pending.append((batch, works))
             if last:
-                on_shard(self.writer.write(shard, pending))
+                on_shard(write_shard(self.writer, shard, lambda: pending))
                 pending = []
 
 
@@ -110,7 +111,7 @@ class WriterActor:
                 except ray.exceptions.RayError as err:
                     yield groups, f"batch lost after retries: {type(err).__name__}: {str(err).splitlines()[0]}"
 
-        return self.writer.write(shard, pulled())
+        return write_shard(self.writer, shard, pulled)  # a transient storage error retries the shard
 
 
 class LabelerActor:
@@ -277,7 +278,13 @@ class RayExecutor:
                 if stage_index < 0:
                     self.writers.load[actor] -= 1
                     del shards[shard]
-                    on_shard(ray.get(ref))
+                    try:
+                        result = ray.get(ref)
+                    except ray.exceptions.RayTaskError as err:  # e.g. a full disk: its one line, no traceback
+                        if isinstance(err.cause, OutputWriteError):
+                            raise OutputWriteError(str(err.cause)) from None
+                        raise
+                    on_shard(result)
                     continue
                 self.pools[stage_index].load[actor] -= 1
                 if stage_index + 1 < len(self.pools):

@@ -10,6 +10,14 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from collections.abc import Callable, Iterable
+
+from styledistill.io.retry import OutputWriteError, output_write_error, retrying
+from styledistill.pipeline import uris
+from styledistill.schemas import manifest as mf
+from styledistill.schemas.records import ShardResult
+
+__all__ = ["Interrupted", "InterruptGuard", "OutputWriteError", "RERUN", "write_shard"]
 
 RERUN = "rerun the same command to resume"
 
@@ -21,14 +29,25 @@ class Interrupted(RuntimeError):
         super().__init__(f"interrupted: {RERUN}" + (f" ({detail})" if detail else ""))
 
 
-class OutputWriteError(OSError):
-    """The run folder refused a write (full disk, quota, permissions, a bucket that keeps failing)."""
+def write_shard(writer, shard: int, batches: Callable[[], Iterable]) -> ShardResult:
+    """`writer.write(shard, batches())`, the whole shard retried on a transient storage error (`batches`
+    is called again: the work is re-read from the object store or memory). A write that fails for good
+    raises OutputWriteError: one line naming the path and the cause; the shard has no stats file, so the
+    rerun redoes it."""
+    try:
+        return retrying(lambda: writer.write(shard, batches()), f"writing shard {shard}")
+    except OSError as err:
+        name = mf.shard_name(writer.config.output.shard_prefix, shard)
+        default = uris.join(writer.run_uri, mf.SHARDS_DIR, f"{name}.tar")
+        raise output_write_error(_failed_path(err) or default, err) from None
 
-    def __init__(self, uri: str, cause: BaseException):
-        reason = getattr(cause, "strerror", None) or str(cause) or type(cause).__name__
-        super().__init__(f"cannot write {uri}: {reason} ({type(cause).__name__}); "
-                         f"free space or fix the output, then {RERUN}")
-        self.uri = uri
+
+def _failed_path(err: BaseException) -> str | None:
+    while err is not None:
+        if getattr(err, "filename", None):
+            return str(err.filename).split(uris.TEMP_MARKER)[0]
+        err = err.__cause__
+    return None
 
 
 class InterruptGuard:

@@ -1,0 +1,1 @@
+"""Storage helpers shared by the pipeline: retries with backoff for flaky object stores."""
