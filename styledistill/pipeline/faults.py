@@ -7,6 +7,8 @@ and what to do.
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import sys
 import threading
@@ -78,3 +80,58 @@ class InterruptGuard:
 
     def __call__(self) -> bool:
         return self.requested
+
+
+# --- failpoints: faults injected on purpose, for the fault-injection tests and `styledistill chaos` ----------
+
+FAULTS_ENV = "STYLEDISTILL_FAULTS"
+
+
+def inject(stage: str, groups: Iterable[str]) -> None:
+    """Called by a stage actor before each batch. Does nothing unless STYLEDISTILL_FAULTS is set (in the
+    environment Ray workers inherit) to JSON like
+
+        {"state_dir": "/tmp/x", "rules": [{"stage": "generate", "group": "<group_id>", "fault": "crash",
+                                          "times": 1}]}
+
+    `fault`: "crash" (the worker process is SIGKILLed, as by a segfault or the OOM killer) or "hang" (the
+    call never returns). `times`: how often it fires across all processes (0: every time, a permanent
+    fault). Every firing is counted in `state_dir` (see `injected_faults`)."""
+    spec = os.environ.get(FAULTS_ENV)
+    if not spec:
+        return
+    if not spec.lstrip().startswith("{"):  # a path: the spec can change between runs of one Ray session
+        with open(spec) as f:
+            spec = f.read()
+    spec = json.loads(spec)
+    ids = set(groups)
+    for n, rule in enumerate(spec["rules"]):
+        if rule["stage"] != stage or rule["group"] not in ids:
+            continue
+        fired = _bump(spec["state_dir"], f"rule-{n}")
+        if rule.get("times", 0) and fired >= rule["times"]:
+            continue
+        _bump(spec["state_dir"], f"injected-{rule['fault']}")
+        if rule["fault"] == "crash":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif rule["fault"] == "hang":
+            threading.Event().wait()
+
+
+def injected_faults(state_dir: str) -> dict[str, int]:
+    """How many faults of each kind fired, in every process."""
+    if not os.path.isdir(state_dir):
+        return {}
+    return {name.removeprefix("injected-"): os.path.getsize(os.path.join(state_dir, name))
+            for name in sorted(os.listdir(state_dir)) if name.startswith("injected-")}
+
+
+def _bump(state_dir: str, name: str) -> int:
+    """Add one to a counter shared by all processes (a file's size, appended with O_APPEND); the count before."""
+    os.makedirs(state_dir, exist_ok=True)
+    fd = os.open(os.path.join(state_dir, name), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, b".")
+        return os.fstat(fd).st_size - 1
+    finally:
+        os.close(fd)

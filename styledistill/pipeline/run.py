@@ -52,6 +52,7 @@ class RunOutcome:
     written: list[ShardResult] = field(default_factory=list)  # shards written by this attempt
     wall_s: float = 0.0
     report_path: str | None = None
+    faults: Counter = field(default_factory=Counter)  # retried batches, restarted actors, timeouts, ...
 
 
 def open_run_folder(config: RunConfig, run_uri: str) -> dict:
@@ -184,9 +185,12 @@ def run_pipeline(config: RunConfig, *, ray_address: str | None = None, inline: b
     with InterruptGuard() as interrupt:
         executor.stop_requested = interrupt
         executor.run(counted(planner.groups()), lambda shard: shard in done, shard_done)
+    outcome.faults.update(getattr(executor, "faults", {}))
     if interrupt.requested:
         uris.remove_temp_files(run_uri)
         raise Interrupted(f"{len(outcome.written)} shards written by this attempt")
+    if outcome.faults:  # a writer lost with its node may have left a temp file
+        uris.remove_temp_files(run_uri)
     outcome.wall_s = time.perf_counter() - start
     write_indexes(config, run_uri, outcome.shards)
     _write_metrics(run_uri, config, outcome, inline)
@@ -210,6 +214,7 @@ def _write_metrics(run_uri: str, config: RunConfig, outcome: RunOutcome, inline:
         "shards_written": len(outcome.written),
         "shards_skipped": outcome.skipped_shards,
         "samples_per_s": samples / outcome.wall_s if outcome.wall_s else None,
+        "faults": dict(outcome.faults),  # what this attempt survived: retried batches, restarted actors, ...
         # Every stage sees every group of the shards written; busy_s is summed over the stage's actors.
         "stages": {name: {"groups": groups, "samples": samples, "busy_s": seconds,
                           "actors": 1 if inline else getattr(config.stages, name).concurrency}
