@@ -110,6 +110,8 @@ class WriterActor:
     def write(self, shard: int, batches: list[tuple[list[Group], object]]) -> ShardResult:
         import ray
 
+        inject_faults("write", (g.group_id for groups, _ in batches for g in groups))  # no-op unless testing
+
         def pulled():
             # One batch in memory at a time; a batch whose stages failed for good comes as its error (the
             # samples become failed rows). A batch lost with its node raises: the driver redoes the shard.
@@ -144,6 +146,14 @@ class RemoteLabeler:
         import ray
 
         return ray.get(self.actor.label.remote(images))
+
+
+NODE_LOSS_RETRIES = 8
+
+
+def _node_lost(err: BaseException) -> bool:
+    text = str(err).lower()
+    return "node" in text and any(w in text for w in ("died", "dead", "removed", "failed"))
 
 
 def _error_line(err: BaseException) -> str:
@@ -230,7 +240,8 @@ class _Piece:
     batch_index: int
     stage: int = 0  # the next stage to run
     data: object = None  # ref to the last finished stage's output
-    attempts: int = 0  # failures charged to it (actor died / timed out / objects lost)
+    attempts: int = 0  # failures charged to it (its actor died or timed out while running it)
+    restarts: int = 0  # failures nobody is charged with (a node lost, its input objects with it)
     error: str | None = None  # final: the writer records its samples as failed with this
     done: bool = False
 
@@ -359,6 +370,9 @@ class RayExecutor:
             ray.get(ref)  # the status: tiny, the pixels stay in the object store
         except ray.exceptions.RayTaskError as err:  # the stage raised: deterministic, not retried
             cause = err.cause if err.cause is not None else err
+            if isinstance(cause, ray.exceptions.RayError):  # its input could not be fetched: a node was lost
+                self._retry(ref, call, cause, state, queues, head)
+                return
             piece.error = f"batch failed in stage {self.stages[call.stage].name}: {_error_line(cause)}"
             piece.done = True
             return
@@ -393,9 +407,17 @@ class RayExecutor:
             self._victims.discard(ref)
             queues[piece.stage].append((call.shard, piece))
             return
-        if not died:  # an input object was lost with its node: the piece starts over
-            self.faults["lost_objects"] += 1
-            piece.stage, piece.data = 0, None
+        if not died or _node_lost(err):
+            # A node went away (with the actor, or with the input objects): nobody's fault, not charged;
+            # a piece whose input is gone starts over. Bounded, so a cluster that keeps losing nodes ends.
+            self.faults["lost_objects" if not died else "node_losses"] += 1
+            if not died:
+                piece.stage, piece.data = 0, None
+            piece.restarts += 1
+            if piece.restarts <= NODE_LOSS_RETRIES:
+                self.faults["retried_batches"] += 1
+                queues[piece.stage].append((call.shard, piece))
+                return
         piece.attempts += 1
         retries = self.config.ray.batch_retries
         if piece.attempts <= retries:

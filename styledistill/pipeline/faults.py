@@ -112,6 +112,7 @@ def inject(stage: str, groups: Iterable[str]) -> None:
         if rule.get("times", 0) and fired >= rule["times"]:
             continue
         _bump(spec["state_dir"], f"injected-{rule['fault']}")
+        _where(spec["state_dir"], f"{stage}-{rule['fault']}")
         if rule["fault"] == "crash":
             os.kill(os.getpid(), signal.SIGKILL)
         elif rule["fault"] == "hang":
@@ -135,3 +136,15 @@ def _bump(state_dir: str, name: str) -> int:
         return os.fstat(fd).st_size - 1
     finally:
         os.close(fd)
+
+
+def _where(state_dir: str, name: str) -> None:
+    """Note the Ray node the fault fired on (tests remove that node)."""
+    try:
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # noqa: BLE001 - only a hint for tests
+        node = ""
+    with open(os.path.join(state_dir, f"node-{name}"), "w") as f:
+        f.write(node)
