@@ -178,4 +178,17 @@ def benchmark(n: int = typer.Option(8, help="Content photos per measured run (sa
 
     run_benchmark(n, workdir, scale, console)
 
+@app.command()
+def chaos(workdir: Path = typer.Option(Path("runs/chaos")),
+          scale: int = typer.Option(10, help="Content photos: scale x the bundled sample photos."),
+          seed: int = typer.Option(0, help="Chooses the faults and where they strike.")):
+    """The demo at scale x size through every fault (crashes, hangs, flaky storage, a full disk, Ctrl-C),
+    rerun as a user would, then compared with a clean run."""
+    from styledistill.chaos import run_chaos
+
+    summary = run_chaos(workdir, scale, seed, console)
+    if summary["shards_unexplained"] or not summary["all_planned_accounted"] or not summary["failed_only_permanent"]:
+        raise typer.Exit(1)
+
+
 app.add_typer(train_app, name="train", help="Train TeleStyle V2 from the shards (SFT, DMD).")

@@ -1,5 +1,5 @@
 """Issue 12, items 3 and 4: an output that fills up, and flaky object storage (the `faulty://` test
-filesystem in tests/faultfs.py; backoff set to 0, so no test sleeps)."""
+filesystem in styledistill/io/faultfs.py; backoff set to 0, so no test sleeps)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import json
 import pandas as pd
 import pytest
 
-import faultfs
+from styledistill.io import faultfs
 from conftest import demo_config
 from styledistill.io.retry import RetriesExhausted, is_retryable, retrying
 from styledistill.pipeline import uris

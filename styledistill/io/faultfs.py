@@ -1,4 +1,5 @@
-"""`faulty://` - a local filesystem that misbehaves on purpose, for the fault-injection tests.
+"""`faulty://` - a local filesystem that misbehaves on purpose, for the fault-injection tests and
+`styledistill chaos` (never used by a normal run).
 
 `faulty:///abs/path` is `/abs/path` on disk. The faults come from the environment (so Ray workers started
 by the test's driver see the same ones) and are counted in a state folder on disk (so they are counted
@@ -11,7 +12,8 @@ across processes):
     FAULTYFS_WRITE_BUDGET total bytes that can be written (all files, all processes); the write that goes
                           past it raises OSError(ENOSPC), as a full disk does
 
-Call `register()` in every process that opens a `faulty://` URL (fsspec's registry is per process).
+Call `register()` in every process that opens a `faulty://` URL (fsspec's registry is per process; Ray
+workers: `runtime_env={"worker_process_setup_hook": "styledistill.io.faultfs.register"}`).
 """
 
 from __future__ import annotations
