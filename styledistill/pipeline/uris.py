@@ -76,7 +76,7 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
 def open_for_read(uri: str) -> IO[bytes]:
     """A seekable binary file object, for readers that stream (parquet row groups, CSV chunks)."""
     fs, path = filesystem(uri)
-    return fs.open(path, "rb")
+    return retrying(lambda: fs.open(path, "rb"), f"opening {uri}")
 
 
 @contextmanager
