@@ -29,7 +29,6 @@ from collections import Counter
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
 from styledistill.pipeline.faults import FAULTS_ENV, injected_faults
 from styledistill.schemas import manifest as mf
@@ -194,17 +193,16 @@ def faultfs_injected(state: Path, kind: str) -> int:
 def _print(s: dict, console: Console) -> None:
     for what, rc, line in s["attempts"]:
         console.print(f"attempt ({what}): exit {rc}: {line}", soft_wrap=True)
-    console.print("faults injected: " + ", ".join(f"{k} {v}" for k, v in s["faults_injected"].items()))
-    table = Table("planned", "accepted", "rejected", "failed", "failed by permanent faults", "shards",
-                  "byte-identical", "differ only by permanent faults", "unexplained")
-    table.add_row(*map(str, (s["planned"], s["accepted"], s["rejected"], s["failed"], s["failed_by_injected_faults"],
-                             s["shards"], s["shards_identical"], s["shards_differing_only_by_permanent_faults"],
-                             len(s["shards_unexplained"]))))
-    console.print(table)
+    console.print("faults injected: " + ", ".join(f"{k} {v}" for k, v in s["faults_injected"].items()), soft_wrap=True)
+    console.print(f"samples: planned {s['planned']}, accepted {s['accepted']}, rejected {s['rejected']}, "
+                  f"failed {s['failed']} ({s['failed_by_injected_faults']} by permanent faults)", soft_wrap=True)
+    console.print(f"shards: {s['shards']}, byte-identical to the clean run {s['shards_identical']}, differing "
+                  f"only by permanent faults {s['shards_differing_only_by_permanent_faults']}, unexplained "
+                  f"{len(s['shards_unexplained'])} {s['shards_unexplained'] or ''}", soft_wrap=True)
     for cause, n in s["failed_causes"].items():
-        console.print(f"  failed {n}: {cause}")
+        console.print(f"  failed {n}: {cause}", soft_wrap=True)
     console.print(f"every planned sample accounted for: {s['all_planned_accounted']}; failures only where the "
-                  f"fault was permanent: {s['failed_only_permanent']}; chaos wall {s['wall_s']} s")
+                  f"fault was permanent: {s['failed_only_permanent']}; chaos wall {s['wall_s']} s", soft_wrap=True)
 
 
 def _child(config: str, out: str, overrides: list[str]) -> None:

@@ -86,7 +86,8 @@ def _run(config: RunConfig, ray_address: Optional[str], inline: bool) -> None:
     console.print(f"{outcome.shards} shards ({outcome.skipped_shards} already done): accepted {counts['accepted']}, "
                   f"rejected {counts['rejected']}, failed {counts['failed']} in {outcome.wall_s:.1f}s")
     if outcome.faults:
-        console.print("faults survived: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(outcome.faults.items())))
+        console.print("faults survived: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(outcome.faults.items())),
+                      soft_wrap=True)
     console.print(f"run folder: {outcome.run_uri}")
     if outcome.report_path:
         console.print(f"report: {outcome.report_path}")

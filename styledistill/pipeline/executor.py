@@ -4,8 +4,11 @@ Ray executor, in short: the plan is cut into batches that never cross a shard; e
 one actor per stage, the driver passing object refs from stage to stage (it never pulls images itself);
 when all batches of a shard are through, a writer actor pulls them one at a time, in plan order, and
 writes the shard. Memory stays bounded: at most `max_shards_in_flight` shards are open and each actor has
-at most `max_in_flight` batches queued. Actors restart when they die and Ray retries their batches; a
-batch that still fails reaches the writer as an error and its samples are recorded as failed.
+at most `max_in_flight` batches queued. Faults are handled by the driver, which sees each call end through
+a tiny status return: an actor that dies (or runs past its stage's `timeout_s` and is restarted) has the
+batch it was running retried (`ray.batch_retries`), the batches queued behind it re-sent uncharged, and a
+batch that keeps killing its actor is split in halves until the groups responsible are isolated and
+recorded as failed; a batch whose inputs were lost with a node starts over from the first stage.
 
 Why not Ray Data: a shard must be a fixed, known set of planned samples for resume to be exact, and
 Ray Data's webdataset writer names blocks by uuid and cannot skip finished shards.
@@ -253,7 +256,6 @@ class _Call:
     shard: int
     piece: _Piece | None = None
     data: object = None  # the call's output ref (stages)
-    started: float = 0.0
 
 
 @dataclass
