@@ -27,6 +27,7 @@ def cluster(tmp_path, monkeypatch):
     faults = tmp_path / "faults.json"
     faults.write_text(json.dumps({"state_dir": str(tmp_path / "state"), "rules": []}))
     monkeypatch.setenv(FAULTS_ENV, str(faults))  # before the nodes start: their workers inherit it
+    ray.shutdown()  # a Ray left by an earlier test
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     for _ in range(2):
         cluster.add_node(num_cpus=3)

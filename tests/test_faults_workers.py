@@ -42,6 +42,7 @@ def faults_file(tmp_path_factory):
     folder = tmp_path_factory.mktemp("faults")
     path = folder / "faults.json"
     path.write_text(json.dumps({"state_dir": str(folder / "state"), "rules": []}))
+    ray.shutdown()  # a Ray left by an earlier test would not see the variable: the run starts its own
     mp = pytest.MonkeyPatch()
     mp.setenv(FAULTS_ENV, str(path))
     try:
