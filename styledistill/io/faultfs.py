@@ -86,6 +86,8 @@ class _BudgetedFile:
         return self._inner.write(data)
 
     def __getattr__(self, item):
+        if item.startswith("_"):  # never recurse looking for _inner itself (e.g. from a finaliser)
+            raise AttributeError(item)
         return getattr(self._inner, item)
 
     def __enter__(self):

@@ -64,10 +64,14 @@ class ShardWriter:
         n_groups = 0
         rejects_uri = uris.join(self.run_uri, mf.REJECTS_DIR, f"{name}.tar")
         with uris.open_for_write_atomic(uris.join(shards_dir, f"{name}.tar")) as tar_file, \
-                _maybe_open(rejects_uri if self.config.output.write_rejects else None) as rejects_file:
+                _maybe_open(rejects_uri if self.config.output.write_rejects else None) as rejects_file, \
+                contextlib.ExitStack() as stack:
             tar = wds.TarWriter(tar_file, encoder=False, mtime=0.0, user="styledistill", group="styledistill")
             rejects = rejects_file and wds.TarWriter(rejects_file, encoder=False, mtime=0.0,
                                                      user="styledistill", group="styledistill")
+            # A failed write (full disk, ...) closes the tar streams now, not in a finaliser that writes
+            # to a file already gone; the temp files are removed by open_for_write_atomic.
+            stack.callback(_close_quietly, tar, rejects)
             for groups, result in batches:
                 works = result if isinstance(result, list) else [GroupWork(g) for g in groups]
                 batch_error = None if isinstance(result, list) else result
@@ -179,6 +183,13 @@ class ShardWriter:
         strip.save(buf, format="JPEG", quality=80)
         thumbs[row["key"]] = {"recipe": row["recipe"], "status": row["status"], "reasons": row["reasons"],
                               "jpeg_b64": base64.b64encode(buf.getvalue()).decode()}
+
+
+def _close_quietly(*tars) -> None:
+    for tar in tars:
+        if tar:
+            with contextlib.suppress(Exception):
+                tar.close()  # a no-op once closed
 
 
 def _maybe_open(uri: str | None):
