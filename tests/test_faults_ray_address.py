@@ -7,13 +7,16 @@ asked (--ray-address, ray.address, RAY_ADDRESS). Both against a real `ray start`
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 from conftest import DEMO_CONFIG
-from ray_head import ray_head
+from ray_head import free_port, ray_head, stop_head
 from styledistill.schemas import manifest as mf
 
 pytestmark = pytest.mark.slow
@@ -56,3 +59,18 @@ def test_with_an_address_the_run_joins_the_head(head, sample_data, tmp_path, how
     else:  # what Ray Jobs sets for its entrypoint
         nodes = _run(sample_data, tmp_path / "run", head.env(RAY_ADDRESS=head.address))
     assert nodes == {head.node_id}
+
+
+def test_a_bootstrap_file_left_by_a_crashed_cluster_is_ignored(sample_data, tmp_path):
+    """A `ray start` head killed without `ray stop` leaves ray_current_cluster behind; a bare ray.init()
+    would try to join the dead address."""
+    root = tempfile.mkdtemp(prefix="sdstale-", dir="/tmp")  # short: Ray's sockets live below it
+    try:
+        os.makedirs(os.path.join(root, "ray"))
+        with open(os.path.join(root, "ray", "ray_current_cluster"), "w") as f:
+            f.write(f"127.0.0.1:{free_port()}")
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        assert _run(sample_data, tmp_path / "run", {**env, "RAY_TMPDIR": root})
+    finally:
+        stop_head(root)  # the private Ray's processes name this folder too; normally gone already
+        shutil.rmtree(root, ignore_errors=True)
