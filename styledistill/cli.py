@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 from collections import Counter
 from importlib import resources
 from pathlib import Path
@@ -17,6 +19,7 @@ from rich.table import Table
 from styledistill.backends import BackendError
 from styledistill.jobs.train.cli import train_app
 from styledistill.pipeline.executor import StageStartError
+from styledistill.pipeline.faults import RERUN, Interrupted, OutputWriteError
 from styledistill.pipeline.planner import PlanError
 from styledistill.schemas.config import ConfigError, RunConfig, load_config
 
@@ -71,11 +74,20 @@ def _run(config: RunConfig, ray_address: Optional[str], inline: bool) -> None:
                                    on_plan=on_plan, on_scan=lambda n: progress.advance(scan, n))
         except USER_ERRORS as err:
             _fail(err)
-        except StageStartError as err:  # no node for a GPU stage, missing weights, ...
+        except (StageStartError, OutputWriteError) as err:  # no node for a GPU stage, a full disk, ...
             _fail(err)
+        except (Interrupted, KeyboardInterrupt) as err:  # Ctrl-C once (shards closed) or twice (at once)
+            progress.stop()
+            console.print(str(err) if isinstance(err, Interrupted) else f"interrupted: {RERUN}", soft_wrap=True)
+            # Ray's teardown at exit takes a few seconds: another Ctrl-C then ends it at once, silently.
+            signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+            raise typer.Exit(130) from None
     counts = outcome.counts
     console.print(f"{outcome.shards} shards ({outcome.skipped_shards} already done): accepted {counts['accepted']}, "
                   f"rejected {counts['rejected']}, failed {counts['failed']} in {outcome.wall_s:.1f}s")
+    if outcome.faults:
+        console.print("faults survived: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(outcome.faults.items())),
+                      soft_wrap=True)
     console.print(f"run folder: {outcome.run_uri}")
     if outcome.report_path:
         console.print(f"report: {outcome.report_path}")
@@ -277,6 +289,19 @@ def calibrate(run_folder: str = typer.Argument(..., help="A run folder (local pa
     console.print(f"suggested filters: {yaml_path}")
     console.print(f"report: {write_report(run_folder, review_per_cell=review)[1]}")
     typer.echo(yaml_path)
+
+
+@app.command()
+def chaos(workdir: Path = typer.Option(Path("runs/chaos")),
+          scale: int = typer.Option(10, help="Content photos: scale x the bundled sample photos."),
+          seed: int = typer.Option(0, help="Chooses the faults and where they strike.")):
+    """The demo at scale x size through every fault (crashes, hangs, flaky storage, a full disk, Ctrl-C),
+    rerun as a user would, then compared with a clean run."""
+    from styledistill.tools.chaos import run_chaos
+
+    summary = run_chaos(workdir, scale, seed, console)
+    if summary["shards_unexplained"] or not summary["all_planned_accounted"] or not summary["failed_only_permanent"]:
+        raise typer.Exit(1)
 
 
 app.add_typer(train_app, name="train", help="Train TeleStyle V2 from the shards (SFT, DMD).")

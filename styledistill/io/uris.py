@@ -17,6 +17,8 @@ from typing import IO
 from fsspec import AbstractFileSystem
 from fsspec.core import url_to_fs
 
+from styledistill.io.retry import output_write_error, retrying
+
 TEMP_MARKER = ".tmp-"
 
 
@@ -61,16 +63,20 @@ def is_dir(uri: str) -> bool:
 def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
     """The file's bytes; with `max_bytes`, at most that many (so a huge file is never read whole)."""
     fs, path = filesystem(uri)
-    if max_bytes is None:
-        return fs.cat_file(path)
-    with fs.open(path, "rb") as f:
-        return f.read(max_bytes)
+
+    def read() -> bytes:
+        if max_bytes is None:
+            return fs.cat_file(path)
+        with fs.open(path, "rb") as f:
+            return f.read(max_bytes)
+
+    return retrying(read, f"reading {uri}")  # object stores fail transiently: retried with backoff
 
 
 def open_for_read(uri: str) -> IO[bytes]:
     """A seekable binary file object, for readers that stream (parquet row groups, CSV chunks)."""
     fs, path = filesystem(uri)
-    return fs.open(path, "rb")
+    return retrying(lambda: fs.open(path, "rb"), f"opening {uri}")
 
 
 @contextmanager
@@ -83,9 +89,11 @@ def open_for_write_atomic(uri: str) -> Iterator[IO[bytes]]:
     # The suffix goes last so globs for the final name ("*.tar", "*.parquet") never match a temp file.
     tmp = f"{path}{TEMP_MARKER}{uuid.uuid4().hex}"
     try:
-        with fs.open(tmp, "wb") as f:
+        # Opening and the final move are retried on transient errors; a write that fails mid-stream is
+        # retried by the caller that can replay it (the shard writer redoes the whole shard).
+        with retrying(lambda: fs.open(tmp, "wb"), f"opening {uri} for writing") as f:
             yield f
-        fs.mv(tmp, path)
+        retrying(lambda: fs.mv(tmp, path), f"moving {uri} into place")
     except BaseException:
         if fs.exists(tmp):
             fs.rm(tmp)
@@ -104,8 +112,14 @@ def remove_temp_files(uri: str) -> int:
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:
-    with open_for_write_atomic(uri) as f:
-        f.write(data)
+    def write() -> None:
+        with open_for_write_atomic(uri) as f:
+            f.write(data)
+
+    try:
+        retrying(write, f"writing {uri}")
+    except OSError as err:  # full disk, no permission, a store that keeps failing: one line, path named
+        raise output_write_error(uri, err) from err
 
 
 def write_text_atomic(uri: str, text: str) -> None:

@@ -4,8 +4,11 @@ Ray executor, in short: the plan is cut into batches that never cross a shard; e
 one actor per stage, the driver passing object refs from stage to stage (it never pulls images itself);
 when all batches of a shard are through, a writer actor pulls them one at a time, in plan order, and
 writes the shard. Memory stays bounded: at most `max_shards_in_flight` shards are open and each actor has
-at most `max_in_flight` batches queued. Actors restart when they die and Ray retries their batches; a
-batch that still fails reaches the writer as an error and its samples are recorded as failed.
+at most `max_in_flight` batches queued. Faults are handled by the driver, which sees each call end through
+a tiny status return: an actor that dies (or runs past its stage's `timeout_s` and is restarted) has the
+batch it was running retried (`ray.batch_retries`), the batches queued behind it re-sent uncharged, and a
+batch that keeps killing its actor is split in halves until the groups responsible are isolated and
+recorded as failed; a batch whose inputs were lost with a node starts over from the first stage.
 
 Why not Ray Data: a shard must be a fixed, known set of planned samples for resume to be exact, and
 Ray Data's webdataset writer names blocks by uuid and cannot skip finished shards.
@@ -15,11 +18,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from styledistill.pipeline.faults import OutputWriteError, write_shard
+from styledistill.pipeline.faults import inject as inject_faults
 from styledistill.pipeline.stages import Stage, build_backend, run_stage
 from styledistill.pipeline.writer import ShardWriter
 from styledistill.schemas.config import ModelSpec, RunConfig
@@ -49,6 +55,8 @@ def plan_batches(groups: Iterator[Group], groups_per_batch: int, skip_shard: Cal
 class InlineExecutor:
     """Every stage in this process, one batch at a time: the bare loop the Ray executor is measured against."""
 
+    stop_requested: Callable[[], bool] = staticmethod(lambda: False)  # Ctrl-C: set by run_pipeline
+
     def __init__(self, config: RunConfig, stages: list[Stage]):
         self.config, self.stages = config, stages
 
@@ -64,6 +72,8 @@ class InlineExecutor:
             writer: ShardWriter) -> None:
         pending: list[tuple[list[Group], list[GroupWork]]] = []
         for shard, batch, last in plan_batches(groups, self.config.ray.groups_per_batch, skip_shard):
+            if self.stop_requested():
+                return  # the open shard is dropped whole: the rerun redoes it
             works: list[GroupWork] | str = [GroupWork(g) for g in batch]
             for stage in self.stages:
                 try:
@@ -73,7 +83,7 @@ class InlineExecutor:
                     break
             pending.append((batch, works))
             if last:
-                on_shard(writer.write(shard, pending))
+                on_shard(write_shard(writer, shard, lambda: pending))
                 pending = []
 
 
@@ -97,6 +107,11 @@ class StageActor:
             work.nodes[self.stage.name] = self.node_id
         return batch
 
+    def run_batch(self, batch: list[GroupWork]) -> tuple[None, list[GroupWork]]:
+        """`process` with a tiny first return: the driver learns how the call ended without pulling pixels."""
+        inject_faults(self.stage.name, (work.group.group_id for work in batch))  # no-op unless testing
+        return None, self.process(batch)
+
 
 class WriterActor:
     def __init__(self, writer: ShardWriter):
@@ -105,15 +120,15 @@ class WriterActor:
     def write(self, shard: int, batches: list[tuple[list[Group], object]]) -> ShardResult:
         import ray
 
-        def pulled():
-            # One batch in memory at a time; a batch whose stages failed for good becomes failed rows.
-            for groups, ref in batches:
-                try:
-                    yield groups, ray.get(ref)
-                except ray.exceptions.RayError as err:
-                    yield groups, f"batch lost after retries: {type(err).__name__}: {str(err).splitlines()[0]}"
+        inject_faults("write", (g.group_id for groups, _ in batches for g in groups))  # no-op unless testing
 
-        return self.writer.write(shard, pulled())
+        def pulled():
+            # One batch in memory at a time; a batch whose stages failed for good comes as its error (the
+            # samples become failed rows). A batch lost with its node raises: the driver redoes the shard.
+            for groups, ref in batches:
+                yield groups, ref if isinstance(ref, str) else ray.get(ref)
+
+        return write_shard(self.writer, shard, pulled)  # a transient storage error retries the shard
 
 
 class LabelerActor:
@@ -141,6 +156,19 @@ class RemoteLabeler:
         import ray
 
         return ray.get(self.actor.label.remote(images))
+
+
+NODE_LOSS_RETRIES = 8
+
+
+def _node_lost(err: BaseException) -> bool:
+    text = str(err).lower()
+    return "node" in text and any(w in text for w in ("died", "dead", "removed", "failed"))
+
+
+def _error_line(err: BaseException) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 def _root_cause(err: Exception) -> str:
@@ -202,30 +230,69 @@ class _Pool:
                        for i in range(resources.concurrency)]
         self.load = [0] * len(self.actors)
         self.max_in_flight = resources.max_in_flight
+        self.down: dict[int, float] = {}  # restarting actor -> when to ping it next (nothing sent meanwhile)
 
     def free_actor(self) -> int | None:
-        best = min(range(len(self.actors)), key=self.load.__getitem__)
+        up = [i for i in range(len(self.actors)) if i not in self.down]
+        if not up:
+            return None
+        best = min(up, key=self.load.__getitem__)
         return best if self.load[best] < self.max_in_flight else None
 
 
 @dataclass
+class _Piece:
+    """A batch, or the part of one left after splitting it to isolate a sample that kills its actor."""
+
+    groups: list[Group]
+    batch_index: int
+    stage: int = 0  # the next stage to run
+    data: object = None  # ref to the last finished stage's output
+    attempts: int = 0  # failures charged to it (its actor died or timed out while running it)
+    restarts: int = 0  # failures nobody is charged with (a node lost, its input objects with it)
+    error: str | None = None  # final: the writer records its samples as failed with this
+    done: bool = False
+
+
+@dataclass
+class _Call:
+    stage: int  # pool index, or -1 for the writer
+    actor: int
+    shard: int
+    piece: _Piece | None = None
+    data: object = None  # the call's output ref (stages)
+
+
+@dataclass
 class _OpenShard:
-    batches: list[list[Group]] = field(default_factory=list)
-    results: dict[int, object] = field(default_factory=dict)  # batch index -> final stage ref
+    batches: list[list[_Piece]] = field(default_factory=list)  # per batch, its pieces in plan order
     planned: bool = False  # all its batches have been cut
+    writes: int = 0  # write attempts that failed for a system reason (writer or its node lost)
+
+    def complete(self) -> bool:
+        return self.planned and all(p.done for pieces in self.batches for p in pieces)
+
+    def payload(self) -> list[tuple[list[Group], object]]:
+        # The writer needs a group's plan, not the image bytes an audit group carries.
+        return [([g.without_payload() for g in p.groups], p.error if p.error is not None else p.data)
+                for pieces in self.batches for p in pieces]
 
 
 class RayExecutor:
+    stop_requested: Callable[[], bool] = staticmethod(lambda: False)  # Ctrl-C: set by run_pipeline
+
     def __init__(self, config: RunConfig, stages: list[Stage]):
         self.config, self.stages = config, stages
+        self.faults: Counter = Counter()  # retried_batches, restarted_actors, timeouts, split_batches, ...
 
     def start(self) -> dict[str, dict[str, str]]:
         """Start every stage's actors and wait until they have loaded their models (a failed start is
         reported by stage); returns the model ids the samples will carry."""
         import ray
 
-        retries = self.config.ray.batch_retries
-        self.pools = [_Pool(StageActor, stage.resources, retries, stage, stage.name) for stage in self.stages]
+        # Stage batches are retried by the driver (not Ray), which knows which batch was running when an
+        # actor died or hung, restarts it, and splits a batch that keeps killing its actor.
+        self.pools = [_Pool(StageActor, stage.resources, 0, stage, stage.name) for stage in self.stages]
         models: dict[str, dict[str, str]] = {}
         for stage, pool in zip(self.stages, self.pools):
             try:
@@ -241,13 +308,26 @@ class RayExecutor:
         import ray
 
         self.writers = _Pool(WriterActor, self.config.stages.write, self.config.ray.batch_retries, writer, "write")
+        self._calls = [[deque() for _ in pool.actors] for pool in self.pools]  # per actor, refs in call order
+        self._victims: set = set()  # calls queued on an actor when it died: retried without being charged
+        self._culprits: set = set()  # calls running when their actor died: charged with the failure
+        self._pings: dict = {}  # ref of info() sent to a restarting actor -> (pool index, actor)
+        self._killed: dict = {}  # call ref -> the timeout it ran past
+        self._started: dict = {}  # call ref -> when it began running (the head of its actor's calls)
         batches = plan_batches(groups, self.config.ray.groups_per_batch, skip_shard)
-        queues: list[deque] = [deque() for _ in self.pools]  # (shard, batch index, input)
+        queues: list[deque] = [deque() for _ in self.pools]  # (shard, piece)
         write_queue: deque = deque()
         shards: dict[int, _OpenShard] = {}
-        in_flight: dict = {}  # ref -> (pool index or -1 for the writer, actor, shard, batch index)
+        in_flight: dict = {}  # ref -> _Call
         exhausted = False
         while True:
+            if self.stop_requested():
+                # Ctrl-C: dispatch nothing new; shards whose batches are all through still get written.
+                exhausted = True
+                for queue in queues:
+                    queue.clear()
+                if not write_queue and not any(call.stage < 0 for call in in_flight.values()):
+                    return
             while not exhausted and self._room_for_more(shards):
                 item = next(batches, None)
                 if item is None:
@@ -255,30 +335,196 @@ class RayExecutor:
                     break
                 shard, batch, last = item
                 state = shards.setdefault(shard, _OpenShard())
-                state.batches.append([g.without_payload() for g in batch])  # the writer needs no bytes
+                piece = _Piece(batch, len(state.batches))
+                state.batches.append([piece])
                 state.planned = last
-                queues[0].append((shard, len(state.batches) - 1, [GroupWork(g) for g in batch]))
+                queues[0].append((shard, piece))
             self._dispatch(queues, write_queue, shards, in_flight)
-            if not in_flight:
+            restarting = any(pool.down for pool in self.pools)
+            if not in_flight and not restarting:
                 if exhausted and not shards:
                     return
                 continue
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+            timeout = self._kill_hung_calls()
+            if not in_flight and not self._pings:
+                time.sleep(timeout)  # only restarting actors to wait for, and their next ping is not due
+                continue
+            ready, _ = ray.wait([*in_flight, *self._pings], num_returns=1, timeout=timeout)
             for ref in ready:
-                stage_index, actor, shard, batch_index = in_flight.pop(ref)
-                if stage_index < 0:
-                    self.writers.load[actor] -= 1
-                    del shards[shard]
-                    on_shard(ray.get(ref))
+                if ref in self._pings:
+                    self._pinged(ref)
                     continue
-                self.pools[stage_index].load[actor] -= 1
-                if stage_index + 1 < len(self.pools):
-                    queues[stage_index + 1].append((shard, batch_index, ref))
+                call = in_flight.pop(ref)
+                if call.stage < 0:
+                    self.writers.load[call.actor] -= 1
+                    result = self._written(ref, shards[call.shard], call.shard, queues, write_queue)
+                    if result is not None:
+                        del shards[call.shard]
+                        on_shard(result)
                     continue
-                state = shards[shard]
-                state.results[batch_index] = ref
-                if state.planned and len(state.results) == len(state.batches):
-                    write_queue.append(shard)
+                self._stage_done(ref, call, shards[call.shard], queues)
+                if shards[call.shard].complete() and call.shard not in write_queue:
+                    write_queue.append(call.shard)
+
+    def _stage_done(self, ref, call: _Call, state: _OpenShard, queues) -> None:
+        import ray
+
+        pool, piece = self.pools[call.stage], call.piece
+        pool.load[call.actor] -= 1
+        calls = self._calls[call.stage][call.actor]
+        head = calls[0]  # the call the actor was running (an actor runs its calls in order)
+        calls.remove(ref)
+        self._started.pop(ref, None)
+        if calls and calls[0] not in self._started:  # the next queued call starts now (an actor runs in order)
+            self._started[calls[0]] = time.monotonic()
+        try:
+            ray.get(ref)  # the status: tiny, the pixels stay in the object store
+        except ray.exceptions.RayTaskError as err:  # the stage raised: deterministic, not retried
+            cause = err.cause if err.cause is not None else err
+            if isinstance(cause, ray.exceptions.RayError):  # its input could not be fetched: a node was lost
+                self._retry(ref, call, cause, state, queues, head)
+                return
+            piece.error = f"batch failed in stage {self.stages[call.stage].name}: {_error_line(cause)}"
+            piece.done = True
+            return
+        except ray.exceptions.RayError as err:  # the actor died or hung, or its input was lost with a node
+            self._retry(ref, call, err, state, queues, head)
+            return
+        piece.data, piece.stage = call.data, piece.stage + 1
+        if piece.stage < len(self.pools):
+            queues[piece.stage].append((call.shard, piece))
+        else:
+            piece.done = True
+
+    def _retry(self, ref, call: _Call, err, state: _OpenShard, queues, head) -> None:
+        import ray
+
+        piece, name = call.piece, self.stages[call.stage].name
+        died = isinstance(err, ray.exceptions.RayActorError)
+        if died and ref not in self._culprits and ref not in self._victims:
+            # The first failure seen of this death: the running call (the head) is charged, everything
+            # else queued on the actor died with it without being the cause. Nothing is sent to the actor
+            # until it answers again (calls sent while it restarts fail at once, never having run).
+            if head not in self._killed:
+                self.faults["restarted_actors"] += 1
+            self.pools[call.stage].down[call.actor] = time.monotonic()
+            self._culprits.add(head)
+            self._victims.update(r for r in self._calls[call.stage][call.actor] if r != head)
+            if ref != head:
+                self._victims.add(ref)
+        timeout = self._killed.pop(ref, None)
+        self._culprits.discard(ref)
+        if ref in self._victims:  # queued behind the batch that killed the actor: not its fault
+            self._victims.discard(ref)
+            queues[piece.stage].append((call.shard, piece))
+            return
+        if not died or _node_lost(err):
+            # A node went away (with the actor, or with the input objects): nobody's fault, not charged;
+            # a piece whose input is gone starts over. Bounded, so a cluster that keeps losing nodes ends.
+            self.faults["lost_objects" if not died else "node_losses"] += 1
+            if not died:
+                piece.stage, piece.data = 0, None
+            piece.restarts += 1
+            if piece.restarts <= NODE_LOSS_RETRIES:
+                self.faults["retried_batches"] += 1
+                queues[piece.stage].append((call.shard, piece))
+                return
+        piece.attempts += 1
+        retries = self.config.ray.batch_retries
+        if piece.attempts <= retries:
+            self.faults["retried_batches"] += 1
+            logger.warning("stage %s: batch of %d groups %s; retry %d/%d", name, len(piece.groups),
+                           f"timed out after {timeout:g} s" if timeout else _error_line(err), piece.attempts, retries)
+            queues[piece.stage].append((call.shard, piece))
+        elif len(piece.groups) > 1:  # isolate the sample(s) that kill the actor: halves, each retried afresh
+            self.faults["split_batches"] += 1
+            half = len(piece.groups) // 2
+            parts = [_Piece(piece.groups[:half], piece.batch_index), _Piece(piece.groups[half:], piece.batch_index)]
+            pieces = state.batches[piece.batch_index]
+            at = pieces.index(piece)
+            pieces[at:at + 1] = parts
+            queues[0].extend((call.shard, p) for p in parts)
+        else:
+            if timeout:
+                piece.error = f"stage {name} timed out after {timeout:g} s ({piece.attempts} attempts)"
+            elif died:
+                piece.error = f"worker died while processing this sample (stage {name}, {piece.attempts} attempts)"
+            else:
+                piece.error = f"lost in stage {name}: {_error_line(err)} ({piece.attempts} attempts)"
+            self.faults["failed_batches"] += 1
+            piece.done = True
+
+    def _kill_hung_calls(self) -> float:
+        """Restart the actors whose running batch is past its stage's timeout; how long ray.wait may block."""
+        import ray
+
+        now, wait = time.monotonic(), 1.0
+        for stage_index, (stage, pool) in enumerate(zip(self.stages, self.pools)):
+            limit = stage.resources.timeout_s
+            if not limit:
+                continue
+            for actor, calls in enumerate(self._calls[stage_index]):
+                if not calls or calls[0] in self._killed:
+                    continue
+                running_for = now - self._started[calls[0]]
+                if running_for > limit:
+                    logger.warning("stage %s: a batch has run for %.0f s (timeout %g s): restarting its actor",
+                                   stage.name, running_for, limit)
+                    self._killed[calls[0]] = limit
+                    self.faults["timeouts"] += 1
+                    self.faults["restarted_actors"] += 1
+                    ray.kill(pool.actors[actor], no_restart=False)
+                    pool.down[actor] = now + 0.2
+                else:
+                    wait = min(wait, limit - running_for + 0.05)
+        for stage_index, pool in enumerate(self.pools):  # ping restarting actors; dispatch once they answer
+            for actor, when in list(pool.down.items()):
+                if (stage_index, actor) in self._pings.values():
+                    continue
+                if when <= now:
+                    self._pings[pool.actors[actor].info.remote()] = (stage_index, actor)
+                else:
+                    wait = min(wait, when - now)
+        return max(wait, 0.02)
+
+    def _pinged(self, ref) -> None:
+        import ray
+
+        stage_index, actor = self._pings.pop(ref)
+        pool = self.pools[stage_index]
+        try:
+            ray.get(ref)
+            pool.down.pop(actor, None)
+        except ray.exceptions.RayError:
+            pool.down[actor] = time.monotonic() + 0.2  # still restarting (loading its models)
+
+    def _written(self, ref, state: _OpenShard, shard: int, queues, write_queue) -> ShardResult | None:
+        """The shard's result, or None when its write must be redone (the writer or an object was lost)."""
+        import ray
+
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, OutputWriteError):  # e.g. a full disk: its one line, no traceback
+                raise OutputWriteError(str(err.cause)) from None
+            if not isinstance(err.cause, ray.exceptions.RayError):
+                raise
+            lost = True  # the writer could not pull a batch: its node is gone; redo the shard's stages
+        except ray.exceptions.RayActorError:
+            lost = False  # the writer died (its node is gone): write again from the same batches
+        state.writes += 1
+        self.faults["retried_writes"] += 1
+        if state.writes > self.config.ray.batch_retries + 2:
+            raise RuntimeError(f"shard {shard} could not be written after {state.writes} attempts")
+        if lost:
+            for pieces in state.batches:
+                for piece in pieces:
+                    if piece.error is None:
+                        piece.stage, piece.data, piece.done = 0, None, False
+                        queues[0].append((shard, piece))
+        else:
+            write_queue.append(shard)
+        return None
 
     def _room_for_more(self, shards: dict[int, _OpenShard]) -> bool:
         # Keep cutting batches of the newest shard; open another only below the limit.
@@ -291,15 +537,18 @@ class RayExecutor:
         for stage_index in reversed(range(len(self.pools))):  # downstream first: drain before filling
             pool, queue = self.pools[stage_index], queues[stage_index]
             while queue and (actor := pool.free_actor()) is not None:
-                shard, batch_index, batch = queue.popleft()
-                ref = pool.actors[actor].process.remote(batch)
+                shard, piece = queue.popleft()
+                batch = piece.data if piece.stage > 0 else [GroupWork(g) for g in piece.groups]
+                status, data = pool.actors[actor].run_batch.options(num_returns=2).remote(batch)
                 pool.load[actor] += 1
-                in_flight[ref] = (stage_index, actor, shard, batch_index)
+                calls = self._calls[stage_index][actor]
+                calls.append(status)
+                if len(calls) == 1:
+                    self._started[status] = time.monotonic()
+                in_flight[status] = _Call(stage_index, actor, shard, piece, data)
         while write_queue and (actor := self.writers.free_actor()) is not None:
             shard = write_queue.popleft()
-            state = shards[shard]
-            payload = [(state.batches[i], state.results[i]) for i in range(len(state.batches))]
-            ref = self.writers.actors[actor].write.remote(shard, payload)
+            ref = self.writers.actors[actor].write.remote(shard, shards[shard].payload())
             self.writers.load[actor] += 1
-            in_flight[ref] = (-1, actor, shard, -1)
+            in_flight[ref] = _Call(-1, actor, shard)
 

@@ -20,6 +20,7 @@ from importlib import metadata
 from styledistill.backends import check_backends
 from styledistill.io import uris
 from styledistill.pipeline.executor import InlineExecutor, RayExecutor, RemoteLabeler, check_cluster_fits
+from styledistill.pipeline.faults import InterruptGuard, Interrupted
 from styledistill.pipeline.planner import Planner
 from styledistill.pipeline.scan import scan_sources
 from styledistill.pipeline.stages import build_backend, build_stages
@@ -52,6 +53,7 @@ class RunOutcome:
     written: list[ShardResult] = field(default_factory=list)  # shards written by this attempt
     wall_s: float = 0.0
     report_path: str | None = None
+    faults: Counter = field(default_factory=Counter)  # retried batches, restarted actors, timeouts, ...
 
 
 def open_run_folder(config: RunConfig, run_uri: str) -> dict:
@@ -109,16 +111,19 @@ def start_ray(config: RunConfig, address: str | None) -> None:
 
     if ray.is_initialized():
         return
-    address = address or config.ray.address
+    # Join a cluster only when asked: --ray-address, ray.address, or RAY_ADDRESS (set by Ray Jobs). A
+    # bare ray.init() would join any `ray start` cluster found on this machine (or the bootstrap file a
+    # crashed one left behind) and then refuse our num_cpus; "local" always starts a private Ray.
+    address = address or config.ray.address or os.environ.get("RAY_ADDRESS") or None
     if address:
-        ray.init(address=address, logging_level="ERROR")
+        ray.init(address=address, logging_level="ERROR")  # never num_cpus: the cluster has its own
         return
     # A local Ray gets enough logical CPUs for one actor of every stage: on a laptop-sized machine the
     # stages then share the cores instead of an actor waiting forever for a CPU that never frees up.
     actors = [getattr(config.stages, spec.name) for spec in [*active_stages(config), STAGES["write"]]]
     wanted = sum(resources.num_cpus * resources.concurrency for resources in actors)
     num_cpus = config.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(wanted))
-    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR")
 
 
 def build_labeler(config: RunConfig, inline: bool):
@@ -196,7 +201,15 @@ def run_pipeline(config: RunConfig, *, ray_address: str | None = None, inline: b
             on_shard(result)
 
     start = time.perf_counter()
-    executor.run(counted(planner.groups()), lambda shard: shard in done, shard_done, writer)
+    with InterruptGuard() as interrupt:
+        executor.stop_requested = interrupt
+        executor.run(counted(planner.groups()), lambda shard: shard in done, shard_done, writer)
+    outcome.faults.update(getattr(executor, "faults", {}))
+    if interrupt.requested:
+        uris.remove_temp_files(run_uri)
+        raise Interrupted(f"{len(outcome.written)} shards written by this attempt")
+    if outcome.faults:  # a writer lost with its node may have left a temp file
+        uris.remove_temp_files(run_uri)
     outcome.wall_s = time.perf_counter() - start
     write_indexes(config, run_uri, outcome.shards)
     _write_metrics(run_uri, config, outcome, inline)
@@ -220,6 +233,7 @@ def _write_metrics(run_uri: str, config: RunConfig, outcome: RunOutcome, inline:
         "shards_written": len(outcome.written),
         "shards_skipped": outcome.skipped_shards,
         "samples_per_s": samples / outcome.wall_s if outcome.wall_s else None,
+        "faults": dict(outcome.faults),  # what this attempt survived: retried batches, restarted actors, ...
         # Every stage sees every group of the shards written; busy_s is summed over the stage's actors.
         "stages": {name: {"groups": groups, "samples": samples, "busy_s": seconds,
                           "actors": 1 if inline else getattr(config.stages, name).concurrency}

@@ -9,6 +9,7 @@ is done (as in img2dataset). Leaving the `with` block on an error deletes whatev
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 from collections import Counter
@@ -126,5 +127,12 @@ class ShardSink:
         return result
 
     def __exit__(self, exc_type, exc, traceback) -> None:
-        # On an error before finish(), the temp files of the tars are deleted; after it, nothing is left open.
+        # On an error before finish() (a full disk, ...) the tar streams are closed now, not by a finaliser
+        # that would write to a file already gone, and their temp files are deleted; after finish(), nothing
+        # is left open.
+        if exc_type is not None:
+            for writer in (self.tar, self.rejects):
+                if writer is not None:
+                    with contextlib.suppress(Exception):
+                        writer.close()
         self._files.__exit__(exc_type, exc, traceback)

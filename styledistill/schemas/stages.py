@@ -29,6 +29,9 @@ class StageResources(BaseModel):
     concurrency: int = Field(1, ge=1)
     batch_size: int = Field(8, ge=1)  # items per model call inside the stage
     max_in_flight: int = Field(2, ge=1)  # batches queued per actor, so it never idles between batches
+    # A batch running longer than this (a hung model call) gets its actor restarted and is retried; after
+    # ray.batch_retries its samples are failed with "timed out after N s". None: no limit.
+    timeout_s: float | None = Field(None, gt=0)
 
 
 @dataclass(frozen=True)
