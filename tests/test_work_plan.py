@@ -57,6 +57,15 @@ def test_metrics_keep_every_attempt(tmp_path):
     assert whole_run(attempts_of(metrics)) == metrics
 
 
+def test_run_prints_each_stage_utilisation(tmp_path, capsys):
+    from styledistill.cli import _print_utilisation
+
+    append_attempt(str(tmp_path), {"wall_s": 10.0, "samples": 8, "stages": {
+        "score": {"busy_s": 5.0, "actors": 1}, "generate": {"busy_s": 18.0, "actors": 2}}})
+    _print_utilisation(str(tmp_path))
+    assert "generate 2x 90%, score 1x 50%" in capsys.readouterr().err
+
+
 def _rerun_without_ray(monkeypatch):
     """Any attempt to start Ray or an executor fails the test."""
     def refuse(*args, **kwargs):

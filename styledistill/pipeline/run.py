@@ -25,7 +25,6 @@ from styledistill.pipeline.scan import scan_sources
 from styledistill.pipeline.stages import build_backend, build_stages
 from styledistill.schemas.stages import STAGES, active_stages
 from styledistill.pipeline.workplan import survey
-from styledistill.pipeline.writer import ShardWriter
 from styledistill.schemas import manifest as mf
 from styledistill.schemas.metrics import append_attempt
 from styledistill.schemas.config import ConfigError, RunConfig
@@ -154,11 +153,14 @@ def prepare_run(config: RunConfig, *, ray_address: str | None = None, inline: bo
                 on_scan: Callable[[int], None] | None = None) -> PreparedRun:
     """Check the config's backends, open (or reopen) the run folder, scan the sources (reused on a resume) and
     plan. A first scan decodes on Ray unless inline: Ray is joined or started and every stage checked first."""
-    check_backends(config)
     run_uri = config.output.uri
-    meta = open_run_folder(config, run_uri)
-    # A resumed run reuses its scan: no Ray, no labeler (and no GPU actor for it) is needed to plan then.
+    # A resumed run reuses its scan: no Ray, no labeler (and no GPU actor for it) is needed to plan then, nor
+    # the backends' imports (seconds) to check options its first attempt checked: run_pipeline checks them
+    # when there is work left.
     scanned = uris.exists(uris.join(run_uri, mf.SOURCES_FILE))
+    if not scanned:
+        check_backends(config)
+    meta = open_run_folder(config, run_uri)
     if not inline and not scanned:
         start_ray(config, ray_address)
         check_cluster_fits(config)
@@ -192,11 +194,14 @@ def run_pipeline(config: RunConfig, *, ray_address: str | None = None, inline: b
 
     sized = work.sized(config)
     if work.pending:
+        check_backends(config)
         if not inline:
             start_ray(sized, ray_address)
             check_cluster_fits(sized)
         executor = (InlineExecutor if inline else RayExecutor)(sized, build_stages(sized))
         models = executor.start()
+        from styledistill.pipeline.writer import ShardWriter  # webdataset imports torch: only for work
+
         writer = ShardWriter(config, run_uri, {"config_hash": prepared.meta["config_hash"],
                                                "versions": prepared.meta["versions"], "models": models})
     start = time.perf_counter()

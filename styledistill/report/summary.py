@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from styledistill.filters.decide import Reason, band
 from styledistill.io import uris
 from styledistill.schemas.config import Rule
-from styledistill.schemas.metrics import attempts_of, read_metrics, whole_run
+from styledistill.schemas.metrics import attempts_of, read_metrics, utilisation, whole_run
 from styledistill.schemas.recipes import GENERATION_RECIPE, RECIPE_NAMES, recipe_sorted
 from styledistill.schemas.run_reader import list_shards, read_columns
 from styledistill.schemas.stages import STAGE_ORDER
@@ -394,15 +394,13 @@ def _attempt_rows(attempts: list[dict]) -> list[dict[str, Any]]:
     """One row per attempt, oldest first: what it wrote, how fast, and each stage's utilisation."""
     rows = []
     for number, a in enumerate(attempts, 1):
-        wall, stages = a.get("wall_s"), a.get("stages") or {}
-        ordered = [n for n in STAGE_ORDER if n in stages] + sorted(set(stages) - set(STAGE_ORDER))
-        utilisation = {name: stages[name]["busy_s"] / (stages[name]["actors"] * wall) for name in ordered
-                       if wall and stages[name].get("actors") and stages[name].get("busy_s") is not None}
+        wall, stages, shares = a.get("wall_s"), a.get("stages") or {}, utilisation(a)
+        ordered = [n for n in STAGE_ORDER if n in shares] + sorted(set(shares) - set(STAGE_ORDER))
         rows.append({"attempt": number, "started": a.get("started"), "executor": a.get("executor"),
                      "wall_s": wall, "samples": a.get("samples"), "shards_written": a.get("shards_written"),
                      "shards_skipped": a.get("shards_skipped"), "samples_per_s": a.get("samples_per_s"),
                      "actors": {name: m.get("actors") for name, m in stages.items()},
-                     "utilisation": utilisation})
+                     "utilisation": {name: shares[name] for name in ordered}})
     return rows
 
 

@@ -54,6 +54,13 @@ def whole_run(attempts: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def utilisation(attempt: dict[str, Any]) -> dict[str, float]:
+    """Busy share of each stage's actor time in one attempt (busy_s / (actors x wall_s)), in record order."""
+    wall = attempt.get("wall_s") or 0.0
+    return {name: m["busy_s"] / (m["actors"] * wall) for name, m in (attempt.get("stages") or {}).items()
+            if wall and m.get("actors") and m.get("busy_s") is not None}
+
+
 def read_metrics(run_uri: str) -> dict[str, Any]:
     uri = uris.join(run_uri, METRICS_FILE)
     return json.loads(uris.read_bytes(uri)) if uris.exists(uri) else {}
