@@ -88,10 +88,26 @@ def _run(config: RunConfig, ray_address: Optional[str], inline: bool) -> None:
     if outcome.faults:
         console.print("faults survived: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(outcome.faults.items())),
                       soft_wrap=True)
+    _print_utilisation(outcome.run_uri)
     console.print(f"run folder: {outcome.run_uri}")
     if outcome.report_path:
         console.print(f"report: {outcome.report_path}")
     typer.echo(outcome.run_uri)
+
+
+def _print_utilisation(run_uri: str) -> None:
+    """This attempt's busy share per stage: the stage near 100% is the bottleneck (docs/cluster.md, Sizing)."""
+    from styledistill.schemas.metrics import attempts_of, read_metrics, utilisation
+    from styledistill.schemas.stages import STAGE_ORDER
+
+    attempts = attempts_of(read_metrics(run_uri))
+    if not attempts or not attempts[-1].get("stages"):
+        return
+    last = attempts[-1]
+    shares = utilisation(last)
+    ordered = [n for n in STAGE_ORDER if n in shares] + sorted(set(shares) - set(STAGE_ORDER))
+    console.print("stage utilisation (busy / actors x wall): " + ", ".join(
+        f"{name} {last['stages'][name]['actors']}x {shares[name]:.0%}" for name in ordered))
 
 
 @app.command()
@@ -239,10 +255,16 @@ def demo(workdir: Path = typer.Option(Path("runs"), help="Where the sample data,
 def benchmark(n: int = typer.Option(8, help="Content photos per measured run (samples = n x triplets_per_photo)."),
               workdir: Path = typer.Option(Path("runs/benchmark")),
               scale: int = typer.Option(10, help="Also measure at scale x n photos (memory must stay flat)."),
-              audit: bool = typer.Option(False, "--audit", help="Measure `audit` (the demo's own shards) instead.")):
-    """Pipeline on local Ray vs a bare in-process loop over the same models: samples/s and peak memory."""
-    from styledistill.tools.bench import run_audit_benchmark, run_benchmark
+              audit: bool = typer.Option(False, "--audit", help="Measure `audit` (the demo's own shards) instead."),
+              rerun: bool = typer.Option(False, "--rerun", help="Measure only a first run of n photos on local "
+                                                                "Ray and the rerun of it once finished.")):
+    """Pipeline on local Ray vs a bare in-process loop over the same models: samples/s and peak memory; and
+    the rerun of a finished run, whole process, against its first run."""
+    from styledistill.tools.bench import run_audit_benchmark, run_benchmark, run_rerun_benchmark
 
+    if rerun:
+        run_rerun_benchmark(n, workdir, console)
+        return
     (run_audit_benchmark if audit else run_benchmark)(n, workdir, scale, console)
 
 

@@ -10,7 +10,6 @@ import glob
 import gzip
 import io
 import json
-import os
 import tarfile
 import zlib
 from pathlib import Path

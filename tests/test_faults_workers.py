@@ -8,7 +8,6 @@ here waits on time except the configured stage timeout.
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 

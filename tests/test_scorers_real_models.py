@@ -10,7 +10,6 @@ import shutil
 import socket
 
 import numpy as np
-import open_clip
 import pytest
 import torch
 import torch.nn.functional as F

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,19 +30,9 @@ import braceexpand
 from styledistill.backends import check_backends
 from styledistill.io import uris
 from styledistill.io.tars import TarLimits, TarSample, TarSkips, iter_tar_samples
-from styledistill.pipeline.executor import InlineExecutor, RayExecutor, check_cluster_fits
 from styledistill.pipeline.planner import stable_hash
-from styledistill.pipeline.run import (
-    RunOutcome,
-    _write_metrics,
-    finished_shards,
-    open_run_folder,
-    start_ray,
-    write_indexes,
-)
+from styledistill.pipeline.run import RunOutcome, execute_plan, finished_shards, open_run_folder
 from styledistill.pipeline.sources import GLOB_CHARS, _manifest_chunks, _manifest_columns
-from styledistill.pipeline.stages import build_stages
-from styledistill.pipeline.writer import ShardWriter
 from styledistill.schemas import manifest as mf
 from styledistill.schemas.audit import UNKNOWN_RECIPE, AuditConfig, AuditInput, AuditRoles, normalise_recipe
 from styledistill.schemas.config import ConfigError
@@ -331,43 +320,16 @@ def _sha256(data: bytes) -> str:
 
 def audit_pipeline(config: AuditConfig, *, ray_address: str | None = None, inline: bool = False,
                    on_shard: Callable[[ShardResult], None] | None = None, report: bool = True) -> RunOutcome:
-    """Audit (or resume auditing) the inputs of `config` into `config.output.uri`."""
+    """Audit (or resume auditing) the inputs of `config` into `config.output.uri`: the run's execution, with
+    the audit's plan (walked once: it reads the input tars, so it is not surveyed first)."""
     check_backends(config)
-    run_uri = config.output.uri
-    meta = open_run_folder(config, run_uri)
-    if not inline:
-        start_ray(config, ray_address)
-        check_cluster_fits(config)
+    meta = open_run_folder(config, config.output.uri)
     planner = AuditPlanner(config)
-    done = finished_shards(run_uri)
-    executor = (InlineExecutor if inline else RayExecutor)(config, build_stages(config))
-    models = executor.start()
-    writer = ShardWriter(config, run_uri, {"config_hash": meta["config_hash"], "versions": meta["versions"],
-                                           "models": models})
-    outcome = RunOutcome(run_uri, shards=0, skipped_shards=len(done))
-    for stats in done.values():
-        outcome.counts.update({k: stats[k] for k in (mf.ACCEPTED, mf.REJECTED, mf.FAILED)})
-
-    def counted(groups: Iterator[Group]) -> Iterator[Group]:
-        for group in groups:
-            outcome.shards = max(outcome.shards, group.shard + 1)
-            yield group
-
-    def shard_done(result: ShardResult) -> None:
-        outcome.written.append(result)
-        outcome.counts.update({mf.ACCEPTED: result.accepted, mf.REJECTED: result.rejected,
-                               mf.FAILED: result.failed})
-        if on_shard is not None:
-            on_shard(result)
-
-    start = time.perf_counter()
-    executor.run(counted(planner.groups()), lambda shard: shard in done, shard_done, writer)
-    outcome.wall_s = time.perf_counter() - start
-    uris.write_text_atomic(uris.join(run_uri, INPUTS_FILE), json.dumps(planner.inputs_json(), indent=1))
-    write_indexes(config, run_uri, outcome.shards)
-    _write_metrics(run_uri, config, outcome, inline)
+    outcome = execute_plan(config, meta, planner.groups, finished_shards(config.output.uri), None,
+                           ray_address=ray_address, inline=inline, on_shard=on_shard)
+    uris.write_text_atomic(uris.join(outcome.run_uri, INPUTS_FILE), json.dumps(planner.inputs_json(), indent=1))
     if report:
         from styledistill.report import write_report
 
-        _, outcome.report_path = write_report(run_uri)
+        _, outcome.report_path = write_report(outcome.run_uri)
     return outcome

@@ -24,9 +24,10 @@ from styledistill.pipeline.faults import InterruptGuard, Interrupted
 from styledistill.pipeline.planner import Planner
 from styledistill.pipeline.scan import scan_sources
 from styledistill.pipeline.stages import build_backend, build_stages
+from styledistill.pipeline.workplan import WorkPlan, survey
 from styledistill.schemas.stages import STAGES, active_stages
-from styledistill.pipeline.writer import ShardWriter
 from styledistill.schemas import manifest as mf
+from styledistill.schemas.metrics import append_attempt
 from styledistill.schemas.config import ConfigError, RunConfig
 from styledistill.schemas.records import Group, ShardResult
 
@@ -155,16 +156,19 @@ class PreparedRun:
 
 def prepare_run(config: RunConfig, *, ray_address: str | None = None, inline: bool = False,
                 on_scan: Callable[[int], None] | None = None) -> PreparedRun:
-    """Check the config's backends, open (or reopen) the run folder, join or start Ray unless inline and check
-    every stage fits, scan the sources (reused on a resume) and plan."""
-    check_backends(config)
+    """Check the config's backends, open (or reopen) the run folder, scan the sources (reused on a resume) and
+    plan. A first scan decodes on Ray unless inline: Ray is joined or started and every stage checked first."""
     run_uri = config.output.uri
+    # A resumed run reuses its scan: no Ray, no labeler (and no GPU actor for it) is needed to plan then, nor
+    # the backends' imports (seconds) to check options its first attempt checked: run_pipeline checks them
+    # when there is work left.
+    scanned = uris.exists(uris.join(run_uri, mf.SOURCES_FILE))
+    if not scanned:
+        check_backends(config)
     meta = open_run_folder(config, run_uri)
-    if not inline:
+    if not inline and not scanned:
         start_ray(config, ray_address)
         check_cluster_fits(config)
-    # A resumed run reuses its scan: no labeler (and no GPU actor for it) is needed then.
-    scanned = uris.exists(uris.join(run_uri, mf.SOURCES_FILE))
     labeler = None if scanned else build_labeler(config, inline)
     sources = scan_sources(config, run_uri, labeler, on_scan, use_ray=not inline)
     return PreparedRun(run_uri, meta, Planner(config, *split_pools(sources)), finished_shards(run_uri))
@@ -177,57 +181,84 @@ def run_pipeline(config: RunConfig, *, ray_address: str | None = None, inline: b
                  report: bool = True) -> RunOutcome:
     """Run (or resume) the job described by `config`. `inline` runs without Ray, in this process."""
     prepared = prepare_run(config, ray_address=ray_address, inline=inline, on_scan=on_scan)
-    run_uri, planner, done = prepared.run_uri, prepared.planner, prepared.done
+    planner, done = prepared.planner, prepared.done
     if on_plan is not None:  # (photos planned, photos already in finished shards)
         on_plan(planner.photo_count(), sum(stats["groups"] for stats in done.values()))
-    executor = (InlineExecutor if inline else RayExecutor)(config, build_stages(config))
-    models = executor.start()
-    writer = ShardWriter(config, run_uri, {"config_hash": prepared.meta["config_hash"],
-                                           "versions": prepared.meta["versions"], "models": models})
+    # The plan against the finished shards, before any actor: Ray and the stages start only for work left,
+    # each stage with no more actors than the batches left can use.
+    work = survey(planner.groups(), done, config.ray.groups_per_batch)
+    outcome = execute_plan(config, prepared.meta, planner.groups, done, work, ray_address=ray_address,
+                           inline=inline, on_shard=on_shard)
+    if report:
+        from styledistill.report import write_report
 
-    outcome = RunOutcome(run_uri, shards=0, skipped_shards=len(done))
+        _, outcome.report_path = write_report(outcome.run_uri)
+    return outcome
+
+
+def execute_plan(config: RunConfig, meta: dict, groups: Callable[[], Iterator[Group]], done: dict[int, dict],
+                 work: WorkPlan | None, *, ray_address: str | None = None, inline: bool = False,
+                 on_shard: Callable[[ShardResult], None] | None = None) -> RunOutcome:
+    """Every group of the plan not in a finished shard through the stages and the writer, then the indexes and
+    metrics: what `run` and `audit` share. With a `work` survey, nothing starts when nothing is left and each
+    stage's actors are capped by the batches left; without one (a plan too costly to walk twice, e.g. an
+    audit reading its tars) everything starts and the shards are counted as the plan streams."""
+    run_uri = config.output.uri
+    outcome = RunOutcome(run_uri, shards=work.shards if work else 0, skipped_shards=len(done))
     for stats in done.values():
-        outcome.counts.update({k: stats[k] for k in ("accepted", "rejected", "failed")})
+        outcome.counts.update({k: stats[k] for k in (mf.ACCEPTED, mf.REJECTED, mf.FAILED)})
 
-    def counted(groups: Iterator[Group]) -> Iterator[Group]:
-        for group in groups:
+    def counted(plan: Iterator[Group]) -> Iterator[Group]:
+        for group in plan:
             outcome.shards = max(outcome.shards, group.shard + 1)
             yield group
 
     def shard_done(result: ShardResult) -> None:
         outcome.written.append(result)
-        outcome.counts.update({"accepted": result.accepted, "rejected": result.rejected, "failed": result.failed})
+        outcome.counts.update({mf.ACCEPTED: result.accepted, mf.REJECTED: result.rejected, mf.FAILED: result.failed})
         if on_shard is not None:
             on_shard(result)
 
+    sized = work.sized(config) if work else config
     start = time.perf_counter()
-    with InterruptGuard() as interrupt:
-        executor.stop_requested = interrupt
-        executor.run(counted(planner.groups()), lambda shard: shard in done, shard_done, writer)
-    outcome.faults.update(getattr(executor, "faults", {}))
-    if interrupt.requested:
-        uris.remove_temp_files(run_uri)
-        raise Interrupted(f"{len(outcome.written)} shards written by this attempt")
-    if outcome.faults:  # a writer lost with its node may have left a temp file
-        uris.remove_temp_files(run_uri)
+    if work is None or work.pending:
+        check_backends(config)
+        if not inline:
+            start_ray(sized, ray_address)
+            check_cluster_fits(sized)
+        executor = (InlineExecutor if inline else RayExecutor)(sized, build_stages(sized))
+        models = executor.start()
+        from styledistill.pipeline.writer import ShardWriter  # webdataset imports torch: only for work
+
+        writer = ShardWriter(config, run_uri, {"config_hash": meta["config_hash"], "versions": meta["versions"],
+                                               "models": models})
+        start = time.perf_counter()  # throughput counts from the first batch, actors started
+        with InterruptGuard() as interrupt:
+            executor.stop_requested = interrupt
+            executor.run(counted(groups()), lambda shard: shard in done, shard_done, writer)
+        outcome.faults.update(getattr(executor, "faults", {}))
+        if interrupt.requested:
+            uris.remove_temp_files(run_uri)
+            raise Interrupted(f"{len(outcome.written)} shards written by this attempt")
+        if outcome.faults:  # a writer lost with its node may have left a temp file
+            uris.remove_temp_files(run_uri)
     outcome.wall_s = time.perf_counter() - start
     write_indexes(config, run_uri, outcome.shards)
-    _write_metrics(run_uri, config, outcome, inline)
-    if report:
-        from styledistill.report import write_report
-
-        _, outcome.report_path = write_report(run_uri)
+    _write_metrics(run_uri, sized, outcome, inline)
     return outcome
 
 
 def _write_metrics(run_uri: str, config: RunConfig, outcome: RunOutcome, inline: bool) -> None:
-    """Throughput of this attempt (a resumed run measures only the shards it wrote)."""
+    """Throughput of this attempt (a resumed run measures only the shards it wrote), added to the run's
+    history in metrics.json (schemas/metrics.py)."""
     busy: Counter = Counter()
     for result in outcome.written:
         busy.update(result.stage_seconds)
     samples = sum(r.planned for r in outcome.written)
     groups = sum(r.groups for r in outcome.written)
     metrics = {
+        "started": datetime.fromtimestamp(time.time() - outcome.wall_s, timezone.utc).isoformat(),
+        "executor": "inline" if inline else "ray",
         "wall_s": outcome.wall_s,
         "samples": samples,
         "shards_written": len(outcome.written),
@@ -239,4 +270,4 @@ def _write_metrics(run_uri: str, config: RunConfig, outcome: RunOutcome, inline:
                           "actors": 1 if inline else getattr(config.stages, name).concurrency}
                    for name, seconds in busy.items()},
     }
-    uris.write_text_atomic(uris.join(run_uri, mf.METRICS_FILE), json.dumps(metrics, indent=1))
+    append_attempt(run_uri, metrics)

@@ -713,6 +713,15 @@ Target precision {{ c.settings.target_precision }}; no threshold is suggested fr
 {% endfor %}
 </table>
 {% if not s.throughput.metrics_present %}<p class="muted">metrics.json absent: Ray actor metrics unavailable, shard timings only.</p>{% endif %}
+{% if s.throughput.attempts %}
+<p class="muted">Actors, busy time and utilisation above add up every attempt of the run (utilisation: busy time over the actor-seconds each attempt had); its history:</p>
+<table class="attempts">
+<tr><th>attempt</th><th class="l">started</th><th class="l">executor</th><th>wall</th><th>shards written</th><th>shards skipped</th><th>samples</th><th>samples/s</th><th class="l">actors · utilisation by stage</th></tr>
+{% for a in s.throughput.attempts %}
+<tr><td>{{ a.attempt }}</td><td class="l mono">{{ a.started or "–" }}</td><td class="l">{{ a.executor or "–" }}</td><td>{{ a.wall_s|secs }}</td><td>{{ a.shards_written|num }}</td><td>{{ a.shards_skipped|num }}</td><td>{{ a.samples|num }}</td><td>{{ a.samples_per_s|num(3) }}</td><td class="l">{% for name, u in a.utilisation.items() %}{{ name }} {{ a.actors[name]|num }} · {{ u|pct }}{% if not loop.last %}; {% endif %}{% else %}nothing left to do{% endfor %}</td></tr>
+{% endfor %}
+</table>
+{% endif %}
 {% else %}<p class="muted">No stage timings.</p>{% endif %}
 
 <h2>Sources</h2>

@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from styledistill.filters.decide import Reason, band
 from styledistill.io import uris
 from styledistill.schemas.config import Rule
+from styledistill.schemas.metrics import attempts_of, read_metrics, utilisation, whole_run
 from styledistill.schemas.recipes import GENERATION_RECIPE, RECIPE_NAMES, recipe_sorted
 from styledistill.schemas.run_reader import list_shards, read_columns
 from styledistill.schemas.stages import STAGE_ORDER
@@ -27,15 +27,12 @@ from styledistill.schemas.manifest import (
     ACCEPTED,
     AUDIT_INPUTS_FILE,
     FAILED,
-    METRICS_FILE,
     REJECTED,
     RUN_FILE,
     SCORE_PREFIX,
     score_column,
     SHARDS_DIR,
     SOURCES_FILE,
-    STATS_SUFFIX,
-    is_stats_name,
     stats_name,
 )
 
@@ -231,6 +228,7 @@ def build_summary(run_uri: str) -> dict[str, Any]:
             "wall_s": metrics.get("wall_s"),
             "samples_per_s": metrics.get("samples_per_s"),
             "metrics_present": bool(metrics),
+            "attempts": _attempt_rows(metrics.get("attempts") or []),
         },
         "sources": _sources_summary(run_uri),
         "audit": _audit_summary(run_uri),
@@ -384,12 +382,28 @@ def _histogram(values: np.ndarray, status_codes: np.ndarray, status_vocab: list[
 
 
 def _read_metrics(run_uri: str) -> dict[str, Any]:
-    uri = uris.join(run_uri, METRICS_FILE)
-    return _read_json(uri) if uris.exists(uri) else {}
+    """The whole run's metrics: every attempt's record and their sum (an older single-attempt file too)."""
+    attempts = attempts_of(read_metrics(run_uri))
+    return whole_run(attempts) if attempts else {}
+
+
+def _attempt_rows(attempts: list[dict]) -> list[dict[str, Any]]:
+    """One row per attempt, oldest first: what it wrote, how fast, and each stage's utilisation."""
+    rows = []
+    for number, a in enumerate(attempts, 1):
+        wall, stages, shares = a.get("wall_s"), a.get("stages") or {}, utilisation(a)
+        ordered = [n for n in STAGE_ORDER if n in shares] + sorted(set(shares) - set(STAGE_ORDER))
+        rows.append({"attempt": number, "started": a.get("started"), "executor": a.get("executor"),
+                     "wall_s": wall, "samples": a.get("samples"), "shards_written": a.get("shards_written"),
+                     "shards_skipped": a.get("shards_skipped"), "samples_per_s": a.get("samples_per_s"),
+                     "actors": {name: m.get("actors") for name, m in stages.items()},
+                     "utilisation": {name: shares[name] for name in ordered}})
+    return rows
 
 
 def _stage_table(metrics: dict, stage_seconds: Counter, stage_nodes: dict, samples: int) -> list[dict[str, Any]]:
-    """One row per stage: Ray actor metrics (metrics.json) next to the writers' per-shard stage timings."""
+    """One row per stage: Ray actor metrics (metrics.json, summed over the run's attempts) next to the writers'
+    per-shard stage timings."""
     from_metrics = metrics.get("stages") or {}
     wall = metrics.get("wall_s")
     names = set(from_metrics) | set(stage_seconds) | set(stage_nodes)
@@ -398,6 +412,7 @@ def _stage_table(metrics: dict, stage_seconds: Counter, stage_nodes: dict, sampl
     for stage in ordered:
         m = from_metrics.get(stage) or {}
         busy, actors = m.get("busy_s"), m.get("actors")
+        actor_s = m.get("actor_s") or (actors * wall if actors and wall else None)  # over every attempt
         seconds = stage_seconds.get(stage)
         rows.append(
             {
@@ -408,7 +423,7 @@ def _stage_table(metrics: dict, stage_seconds: Counter, stage_nodes: dict, sampl
                 "busy_s": busy,
                 # Per actor: samples per second of busy time. Utilisation: busy share of the wall time.
                 "samples_per_busy_s": m["samples"] / busy if busy and m.get("samples") is not None else None,
-                "utilisation": busy / (actors * wall) if busy is not None and actors and wall else None,
+                "utilisation": busy / actor_s if busy is not None and actor_s else None,
                 "shard_seconds": seconds,
                 "samples_per_shard_s": samples / seconds if seconds else None,
                 "nodes": sorted(stage_nodes.get(stage, ())),

@@ -37,6 +37,7 @@ class Measurement:
     samples: int
     wall_s: float
     peak_pss_mb: float
+    process_s: float = 0.0  # the whole child process, start to exit, as a user waits for it
 
     @property
     def samples_per_s(self) -> float:
@@ -68,7 +69,9 @@ def _child_command(mode: str, photos_dir: Path, styles_dir: Path, photos: int, o
 
 
 def run_measured(command: list[str]) -> tuple[dict, float]:
-    """Run `command` as a child process; (its last stdout line as JSON, peak PSS of its process tree in MB)."""
+    """Run `command` as a child process; (its last stdout line as JSON with "process_s" added: the child's
+    wall time start to exit, peak PSS of its process tree in MB)."""
+    started = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     root = psutil.Process(proc.pid)
     peak = 0
@@ -82,14 +85,46 @@ def run_measured(command: list[str]) -> tuple[dict, float]:
             pass
         time.sleep(0.2)
     stdout, stderr = proc.communicate()
+    process_s = time.perf_counter() - started
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark child {command[3:5]} failed:\n{stderr[-3000:]}")
-    return json.loads(stdout.strip().splitlines()[-1]), peak / 2**20
+    return {**json.loads(stdout.strip().splitlines()[-1]), "process_s": process_s}, peak / 2**20
 
 
 def measure(mode: str, photos_dir: Path, styles_dir: Path, photos: int, out: Path) -> Measurement:
     result, peak_mb = run_measured(_child_command(mode, photos_dir, styles_dir, photos, out))
-    return Measurement(mode, photos, result["samples"], result["wall_s"], peak_mb)
+    return Measurement(mode, photos, result["samples"], result["wall_s"], peak_mb, result["process_s"])
+
+
+def measure_rerun(first: Measurement, photos_dir: Path, styles_dir: Path, out: Path, console: Console) -> Measurement:
+    """The same command again on the finished run folder `out` (as a user or a restarted cluster job runs it):
+    whole-process wall time and peak PSS against the first run's, and the run's metrics history after it."""
+    from styledistill.schemas.metrics import read_metrics
+
+    console.print(f"measuring the rerun of the finished run of {first.photos} photos ...")
+    rerun = measure(first.mode, photos_dir, styles_dir, first.photos, out)
+    rerun.mode = f"{first.mode} rerun (finished)"
+    console.print(f"rerun of a finished run ({first.samples} samples, {first.mode}): {rerun.process_s:.1f} s, "
+                  f"peak PSS {rerun.peak_pss_mb:.0f} MB, whole process; the first run: {first.process_s:.1f} s, "
+                  f"{first.peak_pss_mb:.0f} MB (target: < 5 s)")
+    metrics = read_metrics(str(out))
+    busy = {name: m["busy_s"] / m["actor_s"] for name, m in metrics.get("stages", {}).items() if m.get("actor_s")}
+    console.print(f"metrics.json after the rerun: {len(metrics.get('attempts', []))} attempts; whole-run utilisation "
+                  + ", ".join(f"{name} {u:.0%}" for name, u in busy.items()))
+    return rerun
+
+
+def run_rerun_benchmark(n: int, workdir: Path, console: Console) -> list[Measurement]:
+    """Only the rerun measurement: a first run of n photos on local Ray, then the same command again."""
+    from styledistill.tools.sample_data import build_sample_data
+
+    sample_dir = workdir / "sample-data"
+    build_sample_data(sample_dir, with_bad_files=False)
+    photos_dir = build_photo_pool(sample_dir, workdir / f"photos-{n}", n)
+    out = workdir / f"run-ray-{n}-{int(time.time())}"
+    console.print(f"measuring ray on {n} photos ...")
+    first = measure("ray", photos_dir, sample_dir / "stylized", n, out)
+    return [first, measure_rerun(first, photos_dir, sample_dir / "stylized", out, console)]
 
 
 def run_benchmark(n: int, workdir: Path, scale: int, console: Console) -> list[Measurement]:
@@ -105,17 +140,18 @@ def run_benchmark(n: int, workdir: Path, scale: int, console: Console) -> list[M
             out = workdir / f"run-{mode}-{photos}-{int(time.time())}"
             console.print(f"measuring {mode} on {photos} photos ...")
             results.append(measure(mode, photos_dir, styles_dir, photos, out))
-    table = Table("mode", "photos", "samples", "wall s", "samples/s", "peak PSS MB")
-    for m in results:
-        table.add_row(m.mode, str(m.photos), str(m.samples), f"{m.wall_s:.1f}", f"{m.samples_per_s:.2f}",
-                      f"{m.peak_pss_mb:.0f}")
-    console.print(table)
     bare_n, ray_n, bare_big, ray_big = results
+    rerun = measure_rerun(ray_big, photos_dir, styles_dir, out, console)  # `out`: the last run, ray at scale x N
+    table = Table("mode", "photos", "samples", "wall s", "samples/s", "process s", "peak PSS MB")
+    for m in [*results, rerun]:
+        table.add_row(m.mode, str(m.photos), str(m.samples), f"{m.wall_s:.1f}", f"{m.samples_per_s:.2f}",
+                      f"{m.process_s:.1f}", f"{m.peak_pss_mb:.0f}")
+    console.print(table)
     console.print(f"pipeline / bare loop throughput: {ray_n.samples_per_s / bare_n.samples_per_s:.2f}x at N, "
                   f"{ray_big.samples_per_s / bare_big.samples_per_s:.2f}x at {scale}xN (target >= 0.9x)")
     console.print(f"peak memory (PSS) at {scale}xN / at N: pipeline {ray_big.peak_pss_mb / ray_n.peak_pss_mb:.2f}x, "
                   f"bare loop {bare_big.peak_pss_mb / bare_n.peak_pss_mb:.2f}x (target: flat)")
-    return results
+    return [*results, rerun]
 
 
 def run_audit_benchmark(n: int, workdir: Path, scale: int, console: Console) -> list[Measurement]:
