@@ -24,7 +24,7 @@ from styledistill.generation.enhancer import CONTENT_INSTRUCTION, STYLE_INSTRUCT
 from styledistill.pipeline.run import run_pipeline
 from styledistill.schemas import manifest as mf
 from styledistill.schemas.config import V1_INSTRUCTION, parse_config
-from styledistill.scoring.vlm_judge import JUDGE_PROMPT
+from styledistill.scoring.vlm_judge import JUDGE_PROMPTS
 from tiny_vision import TINY_CLIP
 
 VALID_JUDGEMENT = json.dumps(
@@ -42,7 +42,7 @@ def respond(index: int, body: dict) -> tuple[int, str, float]:
         return 200, CONTENT_WORDS, 0.0
     if text == STYLE_INSTRUCTION:
         return 200, STYLE_WORDS, 0.0
-    assert text == JUDGE_PROMPT and len(content) == 4
+    assert text in JUDGE_PROMPTS.values() and len(content) == 4  # the question follows the recipe
     return 200, VALID_JUDGEMENT if index % 2 == 0 else UNPARSEABLE_JUDGEMENT, 0.0
 
 

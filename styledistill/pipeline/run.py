@@ -116,7 +116,7 @@ def start_ray(config: RunConfig, address: str | None) -> None:
     # bare ray.init() would join any `ray start` cluster found on this machine (or the bootstrap file a
     # crashed one left behind) and then refuse our num_cpus; "local" always starts a private Ray.
     address = address or config.ray.address or os.environ.get("RAY_ADDRESS") or None
-    if address:
+    if address and address != "local":  # "local" asks for what we do anyway: a private Ray, sized below
         ray.init(address=address, logging_level="ERROR")  # never num_cpus: the cluster has its own
         return
     # A local Ray gets enough logical CPUs for one actor of every stage: on a laptop-sized machine the
