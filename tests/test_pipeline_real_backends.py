@@ -147,12 +147,12 @@ def test_real_backends_end_to_end(tmp_path, models):
     # The enhanced words are appended to the instruction in the tar; the models are the tiny ones.
     samples = read_samples(run)
     assert set(samples) == {row["key"] for row in rows if row["status"] == mf.ACCEPTED}
-    expected = f"{V1_INSTRUCTION},tabby cat,oil painting, thick strokes"
+    expected = f"{V1_INSTRUCTION},Tabby cat,Oil painting, thick strokes"  # V2's raw answers, tidied
     for key, sample in samples.items():
         assert sample["txt"].decode() == expected
         meta = json.loads(sample["json"])
-        assert meta["prompts"] == {"content_prompt": "tabby cat", "style_prompt": "oil painting, thick strokes",
-                                   "error": None}
+        assert meta["prompts"] == {"content_prompt": "Tabby cat", "style_prompt": "Oil painting, thick strokes",
+                                   "error": None, "dropped": {}}
         models_meta = meta["models"]
         assert models_meta["generator.telestyle"]["backend"] == "telestyle"
         assert models_meta["generator.telestyle"]["model"] == models["generator"]
