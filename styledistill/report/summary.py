@@ -408,7 +408,9 @@ def _stage_table(metrics: dict, stage_seconds: Counter, stage_nodes: dict, sampl
                 "busy_s": busy,
                 # Per actor: samples per second of busy time. Utilisation: busy share of the wall time.
                 "samples_per_busy_s": m["samples"] / busy if busy and m.get("samples") is not None else None,
-                "utilisation": busy / (actors * wall) if busy is not None and actors and wall else None,
+                # metrics.json's own figure when it has one (busy / actor-seconds: autoscaled pools vary)
+                "utilisation": m.get("utilisation") or (busy / (actors * wall) if busy is not None and actors
+                                                         and wall else None),
                 "shard_seconds": seconds,
                 "samples_per_shard_s": samples / seconds if seconds else None,
                 "nodes": sorted(stage_nodes.get(stage, ())),
