@@ -253,13 +253,14 @@ def benchmark_scaling(workdir: Path = typer.Option(Path("runs/benchmark-scaling"
                       n: int = typer.Option(8, help="--ray-data: content photos at N."),
                       scale: int = typer.Option(10, help="--ray-data: also at scale x n photos."),
                       max_actors: int = typer.Option(2, help="--ray-data: actors per stage, 1..max (both wirings)."),
+                      repeats: int = typer.Option(1, help="--ray-data: measure each pair this many times (medians)."),
                       photos_per_node: int = typer.Option(32, help="Scaling: content photos per node."),
                       latency_s: float = typer.Option(0.25, help="Scaling: the sleep generator's seconds per image.")):
     """Executor scaling over 1-8 simulated GPU nodes, the dispatch ceiling; or the pipeline vs Ray Data."""
     from styledistill.tools.bench_scaling import run_ray_data_comparison, run_scaling_benchmark
 
     if ray_data:
-        run_ray_data_comparison(n, scale, workdir, console, max_actors)
+        run_ray_data_comparison(n, scale, workdir, console, max_actors, repeats)
     else:
         run_scaling_benchmark(workdir, console, photos_per_node, latency_s)
 

@@ -49,12 +49,17 @@ def test_no_growth_while_not_backed_up_or_still_starting():
     assert policy.decide([pool(queued=6, active=4)], nodes) == []  # at max
 
 
-def test_the_longest_backlog_is_served_first_and_gpus_are_shared_by_fraction():
+def test_only_the_bottleneck_grows_and_gpus_are_shared_by_fraction():
     policy = AutoscalePolicy()
     generate = pool(stage=1, queued=10, batch_s=4.0, wants={"GPU": 1.0, "CPU": 1.0})
     score = pool(stage=2, queued=10, batch_s=0.5, wants={"GPU": 0.25, "CPU": 1.0})
     nodes = [{"GPU": 1.25, "CPU": 4.0}]
-    # the generator takes the whole GPU; the scorer gets the quarter left
+    # the generator (0.25 batches/s) is the bottleneck: the scorer (2/s) growing would only take its GPU
+    assert policy.decide([score, generate], nodes) == [Decision("grow", 1, count=1)]
+    # two stages as slow as each other both grow, the longest backlog first: the generator takes the whole
+    # GPU, the scorer gets the quarter left
+    score = pool(stage=2, queued=20, batch_s=4.0, wants={"GPU": 0.25, "CPU": 1.0})
+    generate = pool(stage=1, queued=30, batch_s=4.0, wants={"GPU": 1.0, "CPU": 1.0})
     assert policy.decide([score, generate], nodes) == [Decision("grow", 1, count=1), Decision("grow", 2, count=1)]
 
 

@@ -8,8 +8,10 @@ the free resources of each node, and `AutoscalePolicy.decide` answers:
   at the stage's measured seconds per batch would take at least `backlog_s` (a cheap stage with a long
   queue, like `load` at the start of a run, drains it in a moment and does not grow). It grows by as many
   actors as its backlog needs, up to `max_actors` and only as many as fit on the nodes' free resources (an actor
-  that fits nowhere would wait forever for a node). Stages with the longest backlog (in seconds) go first, so
-  the expensive stage (the generator) is served before the cheap ones take what is left. A stage grows
+  that fits nowhere would wait forever for a node). Only the bottleneck grows: a stage whose capacity
+  (actors / seconds per batch) is above another stage's would only move its backlog downstream, while its
+  new actors take the resources the slowest stage needs. So the expensive stage (the generator) is served
+  before the cheap ones take what is left. A stage grows
   again only once its new actors have started (they hold their resources from then on, and the cluster's
   view of free resources has caught up).
 - **shrink** a stage with nothing queued by retiring actors that have had nothing in flight for `idle_s`,
@@ -66,6 +68,11 @@ class AutoscalePolicy:
         """Seconds the stage's actors would take to drain its queue."""
         return pool.queued * (pool.batch_s or 0.0) / max(1, pool.active)
 
+    @staticmethod
+    def capacity(pool: PoolState) -> float | None:
+        """Batches per second the stage's actors get through (None: not measured yet)."""
+        return pool.active / pool.batch_s if pool.batch_s else None
+
     def wants_to_grow(self, pool: PoolState) -> bool:
         return (pool.queued > 0 and pool.saturated and pool.active < pool.max_actors and pool.starting == 0
                 and self.backlog(pool) >= self.backlog_s)
@@ -74,7 +81,9 @@ class AutoscalePolicy:
         """Decisions for this tick. `free_nodes`: per alive node, its free resources now."""
         decisions: list[Decision] = []
         nodes = [dict(node) for node in free_nodes]  # what this tick's growth has left
-        growing = sorted((p for p in pools if self.wants_to_grow(p)),
+        measured = [c for c in map(self.capacity, pools) if c is not None]
+        slowest = min(measured, default=0.0)
+        growing = sorted((p for p in pools if self.wants_to_grow(p) and self.capacity(p) <= slowest * 1.1),
                          key=lambda p: (-self.backlog(p), p.stage))
         for pool in growing:
             wanted = min(pool.max_actors - pool.active, math.ceil(pool.queued / pool.max_in_flight))

@@ -9,6 +9,9 @@ a tiny status return: an actor that dies (or runs past its stage's `timeout_s` a
 batch it was running retried (`ray.batch_retries`), the batches queued behind it re-sent uncharged, and a
 batch that keeps killing its actor is split in halves until the groups responsible are isolated and
 recorded as failed; a batch whose inputs were lost with a node starts over from the first stage.
+A stage with `min_actors` < `max_actors` autoscales: every half second the pools are described to
+`pipeline.autoscale.AutoscalePolicy`, which grows the stage whose queue backs up (within each node's free
+resources) and retires actors idle for a while; the executor only applies its decisions.
 
 Why not Ray Data: a shard must be a fixed, known set of planned samples for resume to be exact, and
 Ray Data's webdataset writer names blocks by uuid and cannot skip finished shards.
