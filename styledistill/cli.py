@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 import shutil
 import signal
@@ -88,6 +90,7 @@ def _run(config: RunConfig, ray_address: Optional[str], inline: bool) -> None:
     if outcome.faults:
         console.print("faults survived: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(outcome.faults.items())),
                       soft_wrap=True)
+    _print_utilisation(outcome.run_uri)
     console.print(f"run folder: {outcome.run_uri}")
     if outcome.report_path:
         console.print(f"report: {outcome.report_path}")
@@ -244,6 +247,21 @@ def benchmark(n: int = typer.Option(8, help="Content photos per measured run (sa
     from styledistill.tools.bench import run_audit_benchmark, run_benchmark
 
     (run_audit_benchmark if audit else run_benchmark)(n, workdir, scale, console)
+
+
+def _print_utilisation(run_uri: str) -> None:
+    """One line: each Ray stage's actors and busy share (busy s / actor-seconds alive), from metrics.json."""
+    from styledistill.io import uris
+    from styledistill.schemas import manifest as mf
+
+    try:
+        stages = json.loads(uris.read_bytes(uris.join(run_uri, mf.METRICS_FILE)))["stages"]
+    except (OSError, KeyError, ValueError):
+        return
+    parts = [f"{name} {s['actors']} actor(s) {s['utilisation']:.0%}" for name, s in stages.items()
+             if s.get("utilisation") is not None]
+    if parts:
+        console.print("busy share per stage: " + ", ".join(parts))
 
 
 @app.command("benchmark-scaling")
