@@ -11,6 +11,14 @@ URLs that are copied to the node cache). Seconds come from metrics.json (`stages
 actor spent on the stage, summed over the run; model loading is not in it), so they are per actor: a
 stage with N actors processes N times as many images per second. Use them to size concurrency
 (docs/cluster.md, "Sizing").
+
+It also prints each stage's busy share (busy seconds / actor-seconds alive during the run, from metrics.json)
+and checks the generator's against --min-busy (97%): with autoscaled cheap stages sharing GPUs by fraction,
+e.g. on one 8-GPU node
+
+    python scripts/gpu_check_pipeline.py styledistill/configs/cluster.yaml samples/ --photos 128 \\
+        --set stages.generate.concurrency=7 --set stages.score.num_gpus=0.25 \\
+        --set stages.score.min_actors=1 --set stages.score.max_actors=4
 """
 
 from __future__ import annotations
@@ -55,6 +63,8 @@ def main() -> None:
     parser.add_argument("--out", help="run folder (default: a new temporary folder)")
     parser.add_argument("--ray-address", help="join this Ray cluster (default: the config's ray.address)")
     parser.add_argument("--inline", action="store_true", help="no Ray: every stage in this process")
+    parser.add_argument("--min-busy", type=float, default=0.97,
+                        help="target busy share of the generator's actors (default 0.97)")
     args = parser.parse_args()
 
     data = yaml.safe_load(args.config.read_text())
@@ -75,11 +85,20 @@ def main() -> None:
     print(f"run folder: {config.output.uri}")
     print(f"{samples} samples ({dict(outcome.counts)}), {generations} generated images, "
           f"wall {metrics['wall_s']:.1f} s, {metrics['samples_per_s']:.3f} samples/s")
-    print(f"{'stage':<10}{'actors':>8}{'busy s':>10}{'s/sample':>10}")
+    print(f"{'stage':<10}{'actors':>8}{'busy s':>10}{'s/sample':>10}{'busy share':>12}")
     for name, stage in metrics["stages"].items():
-        print(f"{name:<10}{stage['actors']:>8}{stage['busy_s']:>10.2f}{stage['busy_s'] / samples:>10.3f}")
+        share = stage.get("utilisation")
+        print(f"{name:<10}{stage['actors']:>8}{stage['busy_s']:>10.2f}{stage['busy_s'] / samples:>10.3f}"
+              f"{'-' if share is None else f'{share:.1%}':>12}")
     if generations and "generate" in metrics["stages"]:
         print(f"generate: {metrics['stages']['generate']['busy_s'] / generations:.3f} s per generated image")
+    share = metrics["stages"].get("generate", {}).get("utilisation")
+    if share is not None and not args.inline:
+        # The executor's goal on GPUs: the generator (the expensive stage) never waits for the cheap ones.
+        # Busy share = its actors' time in the model / their time alive during the run (fill and drain
+        # included, so run enough photos: --photos 64 or more).
+        verdict = "OK" if share >= args.min_busy else "BELOW TARGET"
+        print(f"generator busy share: {share:.1%} (target >= {args.min_busy:.0%}): {verdict}")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ class Backend(ABC):
 GENERATORS = {
     "magenta": "styledistill.generation.magenta:MagentaGenerator",
     "telestyle": "styledistill.generation.telestyle:TeleStyleGenerator",
+    "sleep": "styledistill.generation.sleep:SleepGenerator",  # benchmarks only: fixed latency, no CPU
 }
 SCORERS = {
     "effnet": "styledistill.scoring.content:EffNetContentScorer",

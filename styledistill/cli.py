@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 import os
 import shutil
 import signal
@@ -106,7 +107,7 @@ def _print_utilisation(run_uri: str) -> None:
     last = attempts[-1]
     shares = utilisation(last)
     ordered = [n for n in STAGE_ORDER if n in shares] + sorted(set(shares) - set(STAGE_ORDER))
-    console.print("stage utilisation (busy / actors x wall): " + ", ".join(
+    console.print("stage utilisation (busy / actor-seconds): " + ", ".join(
         f"{name} {last['stages'][name]['actors']}x {shares[name]:.0%}" for name in ordered))
 
 
@@ -266,6 +267,25 @@ def benchmark(n: int = typer.Option(8, help="Content photos per measured run (sa
         run_rerun_benchmark(n, workdir, console)
         return
     (run_audit_benchmark if audit else run_benchmark)(n, workdir, scale, console)
+
+
+@app.command("benchmark-scaling")
+def benchmark_scaling(workdir: Path = typer.Option(Path("runs/benchmark-scaling")),
+                      ray_data: bool = typer.Option(False, "--ray-data", help="Instead: the pipeline vs a Ray Data "
+                                                    "map_batches wiring of the demo's stages, at n and scale x n."),
+                      n: int = typer.Option(8, help="--ray-data: content photos at N."),
+                      scale: int = typer.Option(10, help="--ray-data: also at scale x n photos."),
+                      max_actors: int = typer.Option(2, help="--ray-data: actors per stage, 1..max (both wirings)."),
+                      repeats: int = typer.Option(1, help="--ray-data: measure each pair this many times (medians)."),
+                      photos_per_node: int = typer.Option(32, help="Scaling: content photos per node."),
+                      latency_s: float = typer.Option(0.25, help="Scaling: the sleep generator's seconds per image.")):
+    """Executor scaling over 1-8 simulated GPU nodes, the dispatch ceiling; or the pipeline vs Ray Data."""
+    from styledistill.tools.bench_scaling import run_ray_data_comparison, run_scaling_benchmark
+
+    if ray_data:
+        run_ray_data_comparison(n, scale, workdir, console, max_actors, repeats)
+    else:
+        run_scaling_benchmark(workdir, console, photos_per_node, latency_s)
 
 
 @app.command("benchmark-refilter")

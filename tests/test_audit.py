@@ -227,7 +227,7 @@ def _tree(root: Path) -> set[str]:
 
 
 def test_auditing_a_hostile_tar_set_accounts_for_every_sample_and_writes_only_under_out(tmp_path, monkeypatch):
-    tars = hostile_set(tmp_path / "in")
+    hostile_set(tmp_path / "in")
     config = {
         "name": "hostile",
         "inputs": [{"kind": "webdataset", "uris": [str(tmp_path / "in" / "{good,names,types,members,images}.tar"),

@@ -9,6 +9,9 @@ a tiny status return: an actor that dies (or runs past its stage's `timeout_s` a
 batch it was running retried (`ray.batch_retries`), the batches queued behind it re-sent uncharged, and a
 batch that keeps killing its actor is split in halves until the groups responsible are isolated and
 recorded as failed; a batch whose inputs were lost with a node starts over from the first stage.
+A stage with `min_actors` < `max_actors` autoscales: every half second the pools are described to
+`pipeline.autoscale.AutoscalePolicy`, which grows the stage whose queue backs up (within each node's free
+resources) and retires actors idle for a while; the executor only applies its decisions.
 
 Why not Ray Data: a shard must be a fixed, known set of planned samples for resume to be exact, and
 Ray Data's webdataset writer names blocks by uuid and cannot skip finished shards.
@@ -25,6 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from styledistill.pipeline.autoscale import AutoscalePolicy, PoolState
 from styledistill.pipeline.faults import OutputWriteError, write_shard
 from styledistill.pipeline.faults import inject as inject_faults
 from styledistill.pipeline.stages import Stage, build_backend, run_stage
@@ -210,33 +214,79 @@ def check_placeable(name: str, resources: StageResources) -> None:
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
     if any(all(have.get(name, 0) >= amount for name, amount in wanted.items()) for have in nodes):
         total_gpus = sum(have.get("GPU", 0) for have in nodes)
-        if resources.num_gpus * resources.concurrency > total_gpus:  # an autoscaler may still add nodes
+        actors = resources.actor_range[0]  # an autoscaled stage starts with its minimum
+        if resources.num_gpus * actors > total_gpus:  # an autoscaler may still add nodes
             logger.warning("stage %r wants %s GPUs for its %d actors but the cluster has %s now: "
-                           "the rest wait for nodes", name, resources.num_gpus * resources.concurrency,
-                           resources.concurrency, total_gpus)
+                           "the rest wait for nodes", name, resources.num_gpus * actors, actors, total_gpus)
         return
     asked = ", ".join(f"{amount:g} {name}" for name, amount in wanted.items() if amount)
     raise StageStartError(f"stage {name!r} asks for {asked} per actor, but no node of the Ray cluster has that much")
 
 
 class _Pool:
-    """Actors of one stage; a batch goes to the least loaded actor with room in its queue."""
+    """Actors of one stage; a batch goes to the least loaded actor with room in its queue.
+
+    An actor keeps its index for the whole run (the executor's per-actor call queues, pings and calls refer
+    to it): growing appends actors, shrinking marks one retired (it is killed only with nothing in flight)."""
 
     def __init__(self, actor_cls, resources: StageResources, retries: int, init_arg, name: str):
         import ray
 
-        remote = ray.remote(actor_cls)
-        options = actor_options(resources, retries)
+        self.remote = ray.remote(actor_cls)
+        self.options = actor_options(resources, retries)
+        self.init_arg, self.name = init_arg, name
+        self.min_actors, self.max_actors = resources.actor_range
+        self.wants = {"CPU": resources.num_cpus, "GPU": resources.num_gpus, **resources.resources}
+        if resources.memory_gb:
+            self.wants["memory"] = resources.memory_gb * 1024**3
         # Named, so the Ray dashboard (and an operator's `ray.get_actor`) can tell the stages apart.
-        run_id = uuid.uuid4().hex[:8]
-        self.actors = [remote.options(name=f"styledistill-{name}-{i}-{run_id}", **options).remote(init_arg)
-                       for i in range(resources.concurrency)]
-        self.load = [0] * len(self.actors)
+        self.run_id = uuid.uuid4().hex[:8]
+        self.actors: list = []
+        self.load: list[int] = []
         self.max_in_flight = resources.max_in_flight
         self.down: dict[int, float] = {}  # restarting actor -> when to ping it next (nothing sent meanwhile)
+        self.starting: set[int] = set()  # grown actors that have not answered yet (a subset of down)
+        self.retired: set[int] = set()
+        self.idle_since: dict[int, float] = {}  # ready actor with nothing in flight -> since when
+        self.ready_at: dict[int, float] = {}  # actor -> when it began counting as available (actor-seconds)
+        self.actor_s = 0.0  # actor-seconds of retired actors
+        self.batch_s: float | None = None  # seconds per batch, a moving average (the autoscaler's clock)
+        self.peak = 0
+        for _ in range(self.min_actors):
+            self._create()
+
+    def _create(self) -> int:
+        index = len(self.actors)
+        name = f"styledistill-{self.name}-{index}-{self.run_id}"
+        self.actors.append(self.remote.options(name=name, **self.options).remote(self.init_arg))
+        self.load.append(0)
+        self.peak = max(self.peak, self.active())
+        return index
+
+    def active(self) -> int:
+        return len(self.actors) - len(self.retired)
+
+    def grow(self) -> int:
+        """One more actor; it takes work once it answers a ping (it is `down` until then)."""
+        index = self._create()
+        self.starting.add(index)
+        self.down[index] = 0.0  # ping at once; the ping returns when its models are loaded
+        return index
+
+    def retire(self, index: int, now: float) -> None:
+        import ray
+
+        assert self.load[index] == 0 and index not in self.down, "only an idle, ready actor is retired"
+        self.retired.add(index)
+        self.idle_since.pop(index, None)
+        self.actor_s += now - self.ready_at.pop(index, now)
+        ray.kill(self.actors[index])
+
+    def actor_seconds(self, now: float) -> float:
+        return self.actor_s + sum(now - t for t in self.ready_at.values())
 
     def free_actor(self) -> int | None:
-        up = [i for i in range(len(self.actors)) if i not in self.down]
+        up = [i for i in range(len(self.actors)) if i not in self.down and i not in self.retired]
         if not up:
             return None
         best = min(up, key=self.load.__getitem__)
@@ -284,9 +334,14 @@ class _OpenShard:
 class RayExecutor:
     stop_requested: Callable[[], bool] = staticmethod(lambda: False)  # Ctrl-C: set by run_pipeline
 
-    def __init__(self, config: RunConfig, stages: list[Stage]):
+    AUTOSCALE_TICK_S = 0.5
+
+    def __init__(self, config: RunConfig, stages: list[Stage], policy: AutoscalePolicy | None = None):
         self.config, self.stages = config, stages
         self.faults: Counter = Counter()  # retried_batches, restarted_actors, timeouts, split_batches, ...
+        self.policy = policy or AutoscalePolicy()
+        self.stage_stats: dict[str, dict] = {}  # per stage, after run: actors (min, peak, max), actor_s
+        self.scaling: list[tuple[float, str, str, int]] = []  # (s into the run, stage, grow/shrink, actors after)
 
     def start(self) -> dict[str, dict[str, str]]:
         """Start every stage's actors and wait until they have loaded their models (a failed start is
@@ -308,7 +363,6 @@ class RayExecutor:
 
     def run(self, groups: Iterator[Group], skip_shard: Callable[[int], bool], on_shard: ShardCallback,
             writer: ShardWriter) -> None:
-        import ray
 
         self.writers = _Pool(WriterActor, self.config.stages.write, self.config.ray.batch_retries, writer, "write")
         self._calls = [[deque() for _ in pool.actors] for pool in self.pools]  # per actor, refs in call order
@@ -317,6 +371,23 @@ class RayExecutor:
         self._pings: dict = {}  # ref of info() sent to a restarting actor -> (pool index, actor)
         self._killed: dict = {}  # call ref -> the timeout it ran past
         self._started: dict = {}  # call ref -> when it began running (the head of its actor's calls)
+        self._t0 = time.monotonic()
+        for pool in self.pools:
+            pool.ready_at = {i: self._t0 for i in range(len(pool.actors))}
+            pool.idle_since = {i: self._t0 for i in range(len(pool.actors))}
+        autoscaled = any(pool.min_actors < pool.max_actors for pool in self.pools)
+        next_tick = self._t0 + self.AUTOSCALE_TICK_S
+        try:
+            self._run(groups, skip_shard, on_shard, autoscaled, next_tick)
+        finally:
+            now = time.monotonic()
+            self.stage_stats = {stage.name: {"actors_min": pool.min_actors, "actors_max": pool.max_actors,
+                                             "actors_peak": pool.peak, "actor_s": pool.actor_seconds(now)}
+                                for stage, pool in zip(self.stages, self.pools)}
+
+    def _run(self, groups, skip_shard, on_shard, autoscaled: bool, next_tick: float) -> None:
+        import ray
+
         batches = plan_batches(groups, self.config.ray.groups_per_batch, skip_shard)
         queues: list[deque] = [deque() for _ in self.pools]  # (shard, piece)
         write_queue: deque = deque()
@@ -343,10 +414,13 @@ class RayExecutor:
                 state.planned = last
                 queues[0].append((shard, piece))
             self._dispatch(queues, write_queue, shards, in_flight)
+            if exhausted and not shards and not in_flight:
+                return  # an actor still starting (grown late) is not waited for
+            if autoscaled and time.monotonic() >= next_tick:
+                self._autoscale(queues)
+                next_tick = time.monotonic() + self.AUTOSCALE_TICK_S
             restarting = any(pool.down for pool in self.pools)
             if not in_flight and not restarting:
-                if exhausted and not shards:
-                    return
                 continue
             timeout = self._kill_hung_calls()
             if not in_flight and not self._pings:
@@ -374,10 +448,15 @@ class RayExecutor:
 
         pool, piece = self.pools[call.stage], call.piece
         pool.load[call.actor] -= 1
+        if not pool.load[call.actor]:
+            pool.idle_since[call.actor] = time.monotonic()
         calls = self._calls[call.stage][call.actor]
         head = calls[0]  # the call the actor was running (an actor runs its calls in order)
         calls.remove(ref)
-        self._started.pop(ref, None)
+        began = self._started.pop(ref, None)
+        if began is not None and ref == head:
+            took = time.monotonic() - began
+            pool.batch_s = took if pool.batch_s is None else 0.8 * pool.batch_s + 0.2 * took
         if calls and calls[0] not in self._started:  # the next queued call starts now (an actor runs in order)
             self._started[calls[0]] = time.monotonic()
         try:
@@ -498,6 +577,9 @@ class RayExecutor:
         try:
             ray.get(ref)
             pool.down.pop(actor, None)
+            if actor in pool.starting:  # a grown actor is ready: it counts from now
+                pool.starting.discard(actor)
+                pool.ready_at[actor] = pool.idle_since[actor] = time.monotonic()
         except ray.exceptions.RayError:
             pool.down[actor] = time.monotonic() + 0.2  # still restarting (loading its models)
 
@@ -544,6 +626,7 @@ class RayExecutor:
                 batch = piece.data if piece.stage > 0 else [GroupWork(g) for g in piece.groups]
                 status, data = pool.actors[actor].run_batch.options(num_returns=2).remote(batch)
                 pool.load[actor] += 1
+                pool.idle_since.pop(actor, None)
                 calls = self._calls[stage_index][actor]
                 calls.append(status)
                 if len(calls) == 1:
@@ -555,3 +638,41 @@ class RayExecutor:
             self.writers.load[actor] += 1
             in_flight[ref] = _Call(-1, actor, shard)
 
+
+    def _autoscale(self, queues) -> None:
+        """Describe every pool to the policy and apply its decisions (grow: new actors; shrink: retire)."""
+        now = time.monotonic()
+        states = []
+        for index, (pool, queue) in enumerate(zip(self.pools, queues)):
+            ready = [i for i in range(len(pool.actors)) if i not in pool.down and i not in pool.retired]
+            states.append(PoolState(
+                stage=index, queued=len(queue), active=pool.active(), starting=len(pool.starting),
+                min_actors=pool.min_actors, max_actors=pool.max_actors, max_in_flight=pool.max_in_flight,
+                saturated=all(pool.load[i] >= pool.max_in_flight for i in ready), batch_s=pool.batch_s,
+                idle={i: now - pool.idle_since[i] for i in ready if not pool.load[i] and i in pool.idle_since},
+                wants=pool.wants))
+        growing = any(self.policy.wants_to_grow(state) for state in states)
+        for decision in self.policy.decide(states, free_node_resources() if growing else []):
+            pool, name = self.pools[decision.stage], self.stages[decision.stage].name
+            if decision.kind == "grow":
+                for _ in range(decision.count):
+                    self._calls[decision.stage].append(deque())
+                    pool.grow()
+            elif pool.load[decision.actor] == 0 and decision.actor not in pool.down:
+                pool.retire(decision.actor, now)
+            else:
+                continue
+            self.scaling.append((round(now - self._t0, 2), name, decision.kind, pool.active()))
+            logger.info("stage %s: %s to %d actors", name, decision.kind, pool.active())
+
+
+def free_node_resources() -> list[dict[str, float]]:
+    """Free resources of each alive node (Ray's per-node view; the cluster's total if that is unavailable)."""
+    import ray
+
+    try:
+        from ray._private.state import available_resources_per_node
+
+        return list(available_resources_per_node().values())
+    except Exception:  # noqa: BLE001 - a private API: fall back to the cluster-wide figure
+        return [ray.available_resources()]

@@ -55,6 +55,7 @@ class RunOutcome:
     wall_s: float = 0.0
     report_path: str | None = None
     faults: Counter = field(default_factory=Counter)  # retried batches, restarted actors, timeouts, ...
+    actors: dict[str, dict] = field(default_factory=dict)  # per stage (Ray): actors min/peak/max, actor_s
 
 
 def open_run_folder(config: RunConfig, run_uri: str) -> dict:
@@ -122,7 +123,7 @@ def start_ray(config: RunConfig, address: str | None) -> None:
     # A local Ray gets enough logical CPUs for one actor of every stage: on a laptop-sized machine the
     # stages then share the cores instead of an actor waiting forever for a CPU that never frees up.
     actors = [getattr(config.stages, spec.name) for spec in [*active_stages(config), STAGES["write"]]]
-    wanted = sum(resources.num_cpus * resources.concurrency for resources in actors)
+    wanted = sum(resources.num_cpus * resources.actor_range[0] for resources in actors)
     num_cpus = config.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(wanted))
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR")
 
@@ -237,6 +238,7 @@ def execute_plan(config: RunConfig, meta: dict, groups: Callable[[], Iterator[Gr
             executor.stop_requested = interrupt
             executor.run(counted(groups()), lambda shard: shard in done, shard_done, writer)
         outcome.faults.update(getattr(executor, "faults", {}))
+        outcome.actors = getattr(executor, "stage_stats", {})
         if interrupt.requested:
             uris.remove_temp_files(run_uri)
             raise Interrupted(f"{len(outcome.written)} shards written by this attempt")
@@ -267,7 +269,12 @@ def _write_metrics(run_uri: str, config: RunConfig, outcome: RunOutcome, inline:
         "faults": dict(outcome.faults),  # what this attempt survived: retried batches, restarted actors, ...
         # Every stage sees every group of the shards written; busy_s is summed over the stage's actors.
         "stages": {name: {"groups": groups, "samples": samples, "busy_s": seconds,
-                          "actors": 1 if inline else getattr(config.stages, name).concurrency}
+                          "actors": 1 if inline else getattr(config.stages, name).actor_range[0]}
                    for name, seconds in busy.items()},
     }
+    for name, actors in outcome.actors.items():  # Ray: actors started (peak), and their actor-seconds
+        if name in metrics["stages"]:
+            stage = metrics["stages"][name]
+            stage.update(actors=actors["actors_peak"], actors_min=actors["actors_min"],
+                         actors_max=actors["actors_max"], actor_s=actors["actor_s"])
     append_attempt(run_uri, metrics)

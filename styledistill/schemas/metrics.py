@@ -43,7 +43,7 @@ def whole_run(attempts: list[dict[str, Any]]) -> dict[str, Any]:
             total["samples"] += m.get("samples") or 0
             total["busy_s"] += m.get("busy_s") or 0.0
             total["actors"] = max(total["actors"], m.get("actors") or 0)  # the most any attempt ran
-            total["actor_s"] += (m.get("actors") or 0) * (attempt.get("wall_s") or 0.0)
+            total["actor_s"] += _actor_s(m, attempt)
     return {
         "wall_s": wall,
         "samples": samples,
@@ -57,7 +57,7 @@ def whole_run(attempts: list[dict[str, Any]]) -> dict[str, Any]:
 def utilisation(attempt: dict[str, Any]) -> dict[str, float]:
     """Busy share of each stage's actor time in one attempt (busy_s / (actors x wall_s)), in record order."""
     wall = attempt.get("wall_s") or 0.0
-    return {name: m["busy_s"] / (m["actors"] * wall) for name, m in (attempt.get("stages") or {}).items()
+    return {name: m["busy_s"] / _actor_s(m, attempt) for name, m in (attempt.get("stages") or {}).items()
             if wall and m.get("actors") and m.get("busy_s") is not None}
 
 
@@ -75,3 +75,9 @@ def append_attempt(run_uri: str, attempt: dict[str, Any]) -> dict[str, Any]:
     metrics = whole_run([*previous, attempt])
     uris.write_text_atomic(uris.join(run_uri, METRICS_FILE), json.dumps(metrics, indent=1))
     return metrics
+
+
+def _actor_s(stage: dict[str, Any], attempt: dict[str, Any]) -> float:
+    """A stage's actor-seconds in one attempt: measured by the executor (autoscaled pools vary), else
+    actors x wall."""
+    return stage.get("actor_s") or (stage.get("actors") or 0) * (attempt.get("wall_s") or 0.0)

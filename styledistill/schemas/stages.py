@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 if TYPE_CHECKING:
     from styledistill.schemas.config import RunConfig
@@ -26,12 +26,39 @@ class StageResources(BaseModel):
     memory_gb: float | None = None
     # Ray custom resources a node must offer, e.g. {"h100": 1} to pin the generator to one node type.
     resources: dict[str, float] = {}
+    # Actors of the stage in the whole cluster: `concurrency: N` runs exactly N. With `min_actors` and/or
+    # `max_actors` the pool autoscales (as Ray Data's actor pools do): it starts with min_actors, grows while
+    # its queue backs up and the cluster has room for another actor, and shrinks actors idle for a while.
+    # An unset bound defaults to `concurrency`.
     concurrency: int = Field(1, ge=1)
+    min_actors: int | None = Field(None, ge=1)
+    max_actors: int | None = Field(None, ge=1)
     batch_size: int = Field(8, ge=1)  # items per model call inside the stage
     max_in_flight: int = Field(2, ge=1)  # batches queued per actor, so it never idles between batches
     # A batch running longer than this (a hung model call) gets its actor restarted and is retried; after
     # ray.batch_retries its samples are failed with "timed out after N s". None: no limit.
     timeout_s: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _actor_bounds(self) -> StageResources:
+        low, high = self.actor_range
+        if low > high:
+            raise ValueError(f"min_actors ({low}) must be <= max_actors ({high})")
+        return self
+
+    @property
+    def actor_range(self) -> tuple[int, int]:
+        """(min, max) actors: (concurrency, concurrency) unless min_actors / max_actors are set."""
+        if self.min_actors is None and self.max_actors is None:
+            return self.concurrency, self.concurrency
+        low = self.min_actors if self.min_actors is not None else min(self.concurrency, self.max_actors)
+        high = self.max_actors if self.max_actors is not None else max(self.concurrency, low)
+        return low, high
+
+    @property
+    def autoscaled(self) -> bool:
+        low, high = self.actor_range
+        return low < high
 
 
 @dataclass(frozen=True)
