@@ -110,8 +110,15 @@ def test_killed_stage_actor_loses_nothing(sample_data, tmp_path, reference_run, 
         before = len(list(shards.glob("*_stats.json")))
         os.kill(pid, signal.SIGKILL)
         finished_at_kill.append((before, len(list(shards.glob("*_stats.json")))))
-        # Ray restarts the actor (setup runs again) and retries the batches it held.
-        _wait_for(lambda: ray.get(actor.info.remote())["pid"] != pid, timeout=120)
+        # Ray restarts the actor (setup runs again); the driver retries the batches it held.
+
+        def restarted() -> bool:
+            try:
+                return ray.get(actor.info.remote())["pid"] != pid
+            except ray.exceptions.RayActorError:  # still restarting: calls to it fail until it is back
+                return False
+
+        _wait_for(restarted, timeout=120)
 
     errors: list[BaseException] = []
 
