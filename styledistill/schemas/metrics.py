@@ -16,6 +16,7 @@ the run is `busy_s / actor_s`, right even when the attempts ran different actor 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Any
 
 from styledistill.io import uris
@@ -44,9 +45,13 @@ def whole_run(attempts: list[dict[str, Any]]) -> dict[str, Any]:
             total["busy_s"] += m.get("busy_s") or 0.0
             total["actors"] = max(total["actors"], m.get("actors") or 0)  # the most any attempt ran
             total["actor_s"] += _actor_s(m, attempt)
+    faults: Counter = Counter()
+    for attempt in attempts:
+        faults.update(attempt.get("faults") or {})
     return {
         "wall_s": wall,
         "samples": samples,
+        "faults": dict(faults),  # what every attempt survived, added up
         "shards_written": sum(a.get("shards_written") or 0 for a in attempts),
         "samples_per_s": samples / wall if wall else None,
         "stages": stages,
