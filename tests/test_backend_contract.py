@@ -69,12 +69,17 @@ def test_every_registered_backend_is_in_the_battery():
     assert set(backends.GENERATORS) == set(GENERATOR_OPTIONS)
 
 
-@pytest.fixture(scope="module", params=sorted(SCORER_OPTIONS))
-def scorer(request, models):
-    built = backends.build("scorer", backends.ModelSpec(backend=request.param,
-                                                        options=SCORER_OPTIONS[request.param](models)))
+def _set_up(kind: str, name: str, models: dict):
+    """The registered backend `name`, built from its battery options and set up (weights loaded)."""
+    options = (SCORER_OPTIONS if kind == "scorer" else GENERATOR_OPTIONS)[name](models)
+    built = backends.build(kind, backends.ModelSpec(backend=name, options=options))
     built.setup()
     return built
+
+
+@pytest.fixture(scope="module", params=sorted(SCORER_OPTIONS))
+def scorer(request, models):
+    return _set_up("scorer", request.param, models)
 
 
 @pytest.mark.parametrize("name", sorted(SCORER_OPTIONS))
@@ -125,10 +130,7 @@ def test_one_bad_view_fails_alone(scorer):
 
 @pytest.fixture(scope="module", params=sorted(GENERATOR_OPTIONS))
 def generator(request, models):
-    built = backends.build("generator", backends.ModelSpec(backend=request.param,
-                                                           options=GENERATOR_OPTIONS[request.param](models)))
-    built.setup()
-    return built
+    return _set_up("generator", request.param, models)
 
 
 @pytest.mark.parametrize("name", sorted(GENERATOR_OPTIONS))

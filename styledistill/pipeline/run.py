@@ -153,6 +153,7 @@ class PreparedRun:
     meta: dict
     planner: Planner
     done: dict[int, dict]  # shard -> stats of the shards already finished
+    backends_checked: bool  # a first scan checks them up front; a resume leaves it to when work is left
 
 
 def prepare_run(config: RunConfig, *, ray_address: str | None = None, inline: bool = False,
@@ -172,7 +173,8 @@ def prepare_run(config: RunConfig, *, ray_address: str | None = None, inline: bo
         check_cluster_fits(config)
     labeler = None if scanned else build_labeler(config, inline)
     sources = scan_sources(config, run_uri, labeler, on_scan, use_ray=not inline)
-    return PreparedRun(run_uri, meta, Planner(config, *split_pools(sources)), finished_shards(run_uri))
+    return PreparedRun(run_uri, meta, Planner(config, *split_pools(sources)), finished_shards(run_uri),
+                       backends_checked=not scanned)
 
 
 def run_pipeline(config: RunConfig, *, ray_address: str | None = None, inline: bool = False,
@@ -188,6 +190,8 @@ def run_pipeline(config: RunConfig, *, ray_address: str | None = None, inline: b
     # The plan against the finished shards, before any actor: Ray and the stages start only for work left,
     # each stage with no more actors than the batches left can use.
     work = survey(planner.groups(), done, config.ray.groups_per_batch)
+    if work.pending and not prepared.backends_checked:
+        check_backends(config)
     outcome = execute_plan(config, prepared.meta, planner.groups, done, work, ray_address=ray_address,
                            inline=inline, on_shard=on_shard)
     if report:
@@ -222,8 +226,7 @@ def execute_plan(config: RunConfig, meta: dict, groups: Callable[[], Iterator[Gr
 
     sized = work.sized(config) if work else config
     start = time.perf_counter()
-    if work is None or work.pending:
-        check_backends(config)
+    if work is None or work.pending:  # the caller has checked the backends (check_backends)
         if not inline:
             start_ray(sized, ray_address)
             check_cluster_fits(sized)
