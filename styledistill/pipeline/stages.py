@@ -74,9 +74,9 @@ class ModelStage(Stage):
     """A stage that runs model backends: built from the config (`specs`), placed by the stage's resources,
     set up once per actor, and their ids reported under `<kind>.<name>`."""
 
+    @abstractmethod
     def specs(self) -> list[tuple[str, ModelSpec]]:
         """(backend kind, spec) of each backend this stage runs."""
-        raise NotImplementedError
 
     def setup(self):
         self.backends = [build_backend(kind, spec, self.resources) for kind, spec in self.specs()]
