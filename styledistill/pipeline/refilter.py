@@ -76,9 +76,12 @@ def refilter_run(source_uri: str, config: RunConfig,
     source_shards = finished_shards(source_uri)
     if not source_shards:
         raise ConfigError(f"{source_uri} has no finished shards to refilter")
+    outcome.shards = max(source_shards) + 1
+    missing = sorted(set(range(outcome.shards)) - set(source_shards))
+    if missing:  # checked before any work: an unfinished run is finished by rerunning it, not refiltered
+        raise ConfigError(f"{source_uri} is not complete (shards {missing[:5]} unfinished): finish it first")
     for shard in sorted(source_shards):
         stats = source_shards[shard]
-        outcome.shards = max(outcome.shards, shard + 1)
         if shard in done:
             outcome.counts.update({k: done[shard][k] for k in (mf.ACCEPTED, mf.REJECTED, mf.FAILED)})
             continue
@@ -86,9 +89,6 @@ def refilter_run(source_uri: str, config: RunConfig,
         outcome.counts.update({mf.ACCEPTED: result.accepted, mf.REJECTED: result.rejected, mf.FAILED: result.failed})
         if on_shard is not None:
             on_shard(result)
-    missing = sorted(set(range(outcome.shards)) - set(source_shards))
-    if missing:
-        raise ConfigError(f"{source_uri} is not complete (shards {missing[:5]} unfinished): finish it first")
     write_indexes(config, out_uri, outcome.shards)
     uris.write_text_atomic(uris.join(out_uri, REFILTER_FILE), json.dumps(
         {"source": source_uri, "filters_before": source_config.filters.model_dump(mode="json"),
