@@ -54,7 +54,8 @@ class Backend(ABC):
 GENERATORS = {
     "magenta": "styledistill.generation.magenta:MagentaGenerator",
     "telestyle": "styledistill.generation.telestyle:TeleStyleGenerator",
-    "sleep": "styledistill.generation.sleep:SleepGenerator",  # benchmarks only: fixed latency, no CPU
+    # Benchmarks only (named so a config cannot mistake it for a model): fixed latency, no CPU, output = content.
+    "benchmark_sleep": "styledistill.generation.sleep:SleepGenerator",
 }
 SCORERS = {
     "effnet": "styledistill.scoring.content:EffNetContentScorer",

@@ -82,7 +82,7 @@ def test_a_backed_up_stage_grows_and_an_idle_one_shrinks_on_ray(local_ray, sampl
     from styledistill.pipeline.writer import ShardWriter
 
     config = demo_config(
-        sample_data, tmp_path / "run", "plan.max_photos=6", "generator.backend=sleep",
+        sample_data, tmp_path / "run", "plan.max_photos=6", "generator.backend=benchmark_sleep",
         "generator.options={latency_s: 0.5}", "scorers=[{backend: noop}]", "filters.rules=[]",
         "filters.generation_rules=[]", "stages.generate.num_cpus=0.25", "stages.generate.batch_size=2",
         "stages.generate.max_actors=3", "stages.generate.max_in_flight=1", "ray.groups_per_batch=1",

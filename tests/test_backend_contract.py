@@ -37,7 +37,7 @@ SCORER_OPTIONS = {
 GENERATOR_OPTIONS = {
     "magenta": lambda m: {},
     "telestyle": lambda m: {"model": m["qwen"], "condition_image_size": 28},
-    "sleep": lambda m: {"latency_s": 0.01},
+    "benchmark_sleep": lambda m: {"latency_s": 0.01},
 }
 
 

@@ -18,7 +18,7 @@ from styledistill.generation.base import GenerationRequest, Generator
 
 
 class SleepGenerator(Generator):
-    name = "sleep"
+    name = "benchmark_sleep"
 
     class Options(BackendOptions):
         latency_s: float = Field(0.1, ge=0.0, le=600.0)  # seconds slept per image
@@ -39,5 +39,5 @@ class SleepGenerator(Generator):
         return outputs
 
     def model_info(self) -> dict[str, str]:
-        return {"backend": "sleep", "latency_s": str(self.options.latency_s),
+        return {"backend": "benchmark_sleep", "latency_s": str(self.options.latency_s),
                 "note": "benchmark backend: returns the content image unchanged"}

@@ -42,7 +42,7 @@ NODE_COUNTS = (1, 2, 4, 8)
 def _scaling_overrides(nodes: int, latency_s: float) -> list[str]:
     """Cheap stages around a sleeping generator, one generator actor per (simulated) GPU."""
     return [
-        "generator.backend=sleep", f"generator.options={{latency_s: {latency_s}}}",
+        "generator.backend=benchmark_sleep", f"generator.options={{latency_s: {latency_s}}}",
         "scorers=[{backend: noop}]", "filters.rules=[]", "filters.generation_rules=[]",
         "resolution.content_max_edge=64", "resolution.style_edge=64",
         "stages.generate.num_gpus=1", "stages.generate.num_cpus=0.1", f"stages.generate.concurrency={nodes}",
