@@ -75,6 +75,9 @@ class InlineExecutor:
             models.update(stage.model_info())
         return models
 
+    def stop(self) -> None:
+        """Nothing to release early: the stages live in this process."""
+
     def run(self, groups: Iterator[Group], skip_shard: Callable[[int], bool], on_shard: ShardCallback,
             writer: ShardWriter) -> None:
         pending: list[tuple[list[Group], list[GroupWork]]] = []
@@ -266,6 +269,15 @@ class _Pool:
     def active(self) -> int:
         return len(self.actors) - len(self.retired)
 
+    def trim(self, count: int) -> None:
+        """Keep the first `count` actors of a pool that has run nothing yet; kill the rest."""
+        import ray
+
+        for actor in self.actors[count:]:
+            ray.kill(actor, no_restart=True)
+        del self.actors[count:], self.load[count:]
+        self.peak = min(self.peak, count)
+
     def grow(self) -> int:
         """One more actor; it takes work once it answers a ping (it is `down` until then)."""
         index = self._create()
@@ -342,15 +354,42 @@ class RayExecutor:
         self.policy = policy or AutoscalePolicy()
         self.stage_stats: dict[str, dict] = {}  # per stage, after run: actors (min, peak, max), actor_s
         self.scaling: list[tuple[float, str, str, int]] = []  # (s into the run, stage, grow/shrink, actors after)
+        self.pools: list[_Pool] = []
+        self.writers: _Pool | None = None
 
-    def start(self) -> dict[str, dict[str, str]]:
-        """Start every stage's actors and wait until they have loaded their models (a failed start is
-        reported by stage); returns the model ids the samples will carry."""
-        import ray
-
+    def launch(self) -> None:
+        """Create every stage's actors without waiting for them: they load their models while the driver
+        scans and plans (`run_pipeline` launches before the scan on a fresh run)."""
+        if self.pools:
+            return
         # Stage batches are retried by the driver (not Ray), which knows which batch was running when an
         # actor died or hung, restarts it, and splits a batch that keeps killing its actor.
         self.pools = [_Pool(StageActor, stage.resources, 0, stage, stage.name) for stage in self.stages]
+
+    def fit(self, config: RunConfig) -> None:
+        """Adopt `config` (the plan's sized copy: the work left caps each stage's actors), killing launched
+        actors beyond it before they get any batch."""
+        self.config = config
+        for stage, pool in zip(self.stages, self.pools):
+            pool.min_actors, pool.max_actors = getattr(config.stages, stage.name).actor_range
+            pool.trim(pool.min_actors)
+
+    def stop(self) -> None:
+        """Kill every actor now (stage pools and writers): their CPUs, GPUs and memory are free before the
+        driver writes the indexes and the report, and the process exits without waiting on them."""
+        import ray
+
+        for pool in [*self.pools, *([self.writers] if self.writers else [])]:
+            for index, actor in enumerate(pool.actors):
+                if index not in pool.retired:
+                    ray.kill(actor, no_restart=True)
+
+    def start(self) -> dict[str, dict[str, str]]:
+        """Start (or adopt the launched) actors of every stage and wait until they have loaded their models (a
+        failed start is reported by stage); returns the model ids the samples will carry."""
+        import ray
+
+        self.launch()
         models: dict[str, dict[str, str]] = {}
         for stage, pool in zip(self.stages, self.pools):
             try:

@@ -13,9 +13,12 @@ import platform
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
+
+import ray
 
 from styledistill.backends import check_backends
 from styledistill.io import uris
@@ -109,8 +112,6 @@ def write_indexes(config: RunConfig, run_uri: str, n_shards: int) -> None:
 
 
 def start_ray(config: RunConfig, address: str | None) -> None:
-    import ray
-
     if ray.is_initialized():
         return
     # Join a cluster only when asked: --ray-address, ray.address, or RAY_ADDRESS (set by Ray Jobs). A
@@ -120,10 +121,11 @@ def start_ray(config: RunConfig, address: str | None) -> None:
     if address and address != "local":  # "local" asks for what we do anyway: a private Ray, sized below
         ray.init(address=address, logging_level="ERROR")  # never num_cpus: the cluster has its own
         return
-    # A local Ray gets enough logical CPUs for one actor of every stage: on a laptop-sized machine the
-    # stages then share the cores instead of an actor waiting forever for a CPU that never frees up.
+    # A local Ray gets enough logical CPUs for one actor of every stage, and one for the scan's decode tasks
+    # (they run while the actors load): on a laptop-sized machine the stages then share the cores instead
+    # of an actor (or the scan) waiting forever for a CPU that never frees up.
     actors = [getattr(config.stages, spec.name) for spec in [*active_stages(config), STAGES["write"]]]
-    wanted = sum(resources.num_cpus * resources.actor_range[0] for resources in actors)
+    wanted = 1 + sum(resources.num_cpus * resources.actor_range[0] for resources in actors)
     num_cpus = config.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(wanted))
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR")
 
@@ -154,27 +156,53 @@ class PreparedRun:
     planner: Planner
     done: dict[int, dict]  # shard -> stats of the shards already finished
     backends_checked: bool  # a first scan checks them up front; a resume leaves it to when work is left
+    executor: RayExecutor | None = None  # launched before the scan (`launch`): its actors loaded meanwhile
 
 
-def prepare_run(config: RunConfig, *, ray_address: str | None = None, inline: bool = False,
+def prepare_run(config: RunConfig, *, ray_address: str | None = None, inline: bool = False, launch: bool = False,
                 on_scan: Callable[[int], None] | None = None) -> PreparedRun:
     """Check the config's backends, open (or reopen) the run folder, scan the sources (reused on a resume) and
-    plan. A first scan decodes on Ray unless inline: Ray is joined or started and every stage checked first."""
+    plan. A first scan decodes on Ray unless inline: Ray is joined or started and every stage checked first,
+    and with `launch` the stage actors are started before the scan, so they load their models meanwhile."""
     run_uri = config.output.uri
     # A resumed run reuses its scan: no Ray, no labeler (and no GPU actor for it) is needed to plan then, nor
     # the backends' imports (seconds) to check options its first attempt checked: run_pipeline checks them
     # when there is work left.
     scanned = uris.exists(uris.join(run_uri, mf.SOURCES_FILE))
+    executor = None
     if not scanned:
-        check_backends(config)
+        # The check imports every backend (seconds of CPU, torch among them) while Ray starts its processes
+        # and the stage actors load their models; a config it refuses takes down what started meanwhile.
+        ray_was_up = ray.is_initialized()
+        with ThreadPoolExecutor(1) as background:
+            checked = background.submit(check_backends, config)
+            try:
+                if not inline:
+                    start_ray(config, ray_address)
+                    check_cluster_fits(config)
+                if launch and not inline and _room_to_scan_beside(config):
+                    executor = RayExecutor(config, build_stages(config))
+                    executor.launch()
+                checked.result()
+            except Exception:
+                if executor is not None:
+                    executor.stop()
+                if not ray_was_up and ray.is_initialized():
+                    ray.shutdown()
+                raise
     meta = open_run_folder(config, run_uri)
-    if not inline and not scanned:
-        start_ray(config, ray_address)
-        check_cluster_fits(config)
     labeler = None if scanned else build_labeler(config, inline)
     sources = scan_sources(config, run_uri, labeler, on_scan, use_ray=not inline)
     return PreparedRun(run_uri, meta, Planner(config, *split_pools(sources)), finished_shards(run_uri),
-                       backends_checked=not scanned)
+                       backends_checked=not scanned, executor=executor)
+
+
+def _room_to_scan_beside(config: RunConfig) -> bool:
+    """Whether the cluster keeps a CPU for the scan's decode tasks once every actor of this config holds its
+    own: only then are the stage actors launched before the scan (else the scan would wait on them)."""
+    held = sum(getattr(config.stages, spec.name).num_cpus * getattr(config.stages, spec.name).actor_range[0]
+               for spec in STAGES.values() if spec.enabled(config))
+    return ray.available_resources().get("CPU", 0) - held >= 1
 
 
 def run_pipeline(config: RunConfig, *, ray_address: str | None = None, inline: bool = False,
@@ -183,7 +211,7 @@ def run_pipeline(config: RunConfig, *, ray_address: str | None = None, inline: b
                  on_scan: Callable[[int], None] | None = None,
                  report: bool = True) -> RunOutcome:
     """Run (or resume) the job described by `config`. `inline` runs without Ray, in this process."""
-    prepared = prepare_run(config, ray_address=ray_address, inline=inline, on_scan=on_scan)
+    prepared = prepare_run(config, ray_address=ray_address, inline=inline, launch=True, on_scan=on_scan)
     planner, done = prepared.planner, prepared.done
     if on_plan is not None:  # (photos planned, photos already in finished shards)
         on_plan(planner.photo_count(), sum(stats["groups"] for stats in done.values()))
@@ -193,7 +221,7 @@ def run_pipeline(config: RunConfig, *, ray_address: str | None = None, inline: b
     if work.pending and not prepared.backends_checked:
         check_backends(config)
     outcome = execute_plan(config, prepared.meta, planner.groups, done, work, ray_address=ray_address,
-                           inline=inline, on_shard=on_shard)
+                           inline=inline, on_shard=on_shard, executor=prepared.executor)
     if report:
         from styledistill.report import write_report
 
@@ -203,11 +231,13 @@ def run_pipeline(config: RunConfig, *, ray_address: str | None = None, inline: b
 
 def execute_plan(config: RunConfig, meta: dict, groups: Callable[[], Iterator[Group]], done: dict[int, dict],
                  work: WorkPlan | None, *, ray_address: str | None = None, inline: bool = False,
-                 on_shard: Callable[[ShardResult], None] | None = None) -> RunOutcome:
+                 on_shard: Callable[[ShardResult], None] | None = None,
+                 executor: RayExecutor | None = None) -> RunOutcome:
     """Every group of the plan not in a finished shard through the stages and the writer, then the indexes and
     metrics: what `run` and `audit` share. With a `work` survey, nothing starts when nothing is left and each
     stage's actors are capped by the batches left; without one (a plan too costly to walk twice, e.g. an
-    audit reading its tars) everything starts and the shards are counted as the plan streams."""
+    audit reading its tars) everything starts and the shards are counted as the plan streams. An `executor`
+    launched before the plan was known (prepare_run) is fitted to it."""
     run_uri = config.output.uri
     outcome = RunOutcome(run_uri, shards=work.shards if work else 0, skipped_shards=len(done))
     for stats in done.values():
@@ -226,20 +256,27 @@ def execute_plan(config: RunConfig, meta: dict, groups: Callable[[], Iterator[Gr
 
     sized = work.sized(config) if work else config
     start = time.perf_counter()
-    if work is None or work.pending:  # the caller has checked the backends (check_backends)
-        if not inline:
+    if executor is not None and work is not None and not work.pending:
+        executor.stop()  # launched before the plan showed there is nothing to do (an empty plan)
+    elif work is None or work.pending:  # the caller has checked the backends (check_backends)
+        if executor is not None:
+            executor.fit(sized)
+        elif not inline:
             start_ray(sized, ray_address)
             check_cluster_fits(sized)
-        executor = (InlineExecutor if inline else RayExecutor)(sized, build_stages(sized))
-        models = executor.start()
-        from styledistill.pipeline.writer import ShardWriter  # webdataset imports torch: only for work
+        executor = executor or (InlineExecutor if inline else RayExecutor)(sized, build_stages(sized))
+        try:
+            models = executor.start()
+            from styledistill.pipeline.writer import ShardWriter  # webdataset imports torch: only for work
 
-        writer = ShardWriter(config, run_uri, {"config_hash": meta["config_hash"], "versions": meta["versions"],
-                                               "models": models})
-        start = time.perf_counter()  # throughput counts from the first batch, actors started
-        with InterruptGuard() as interrupt:
-            executor.stop_requested = interrupt
-            executor.run(counted(groups()), lambda shard: shard in done, shard_done, writer)
+            writer = ShardWriter(config, run_uri, {"config_hash": meta["config_hash"],
+                                                   "versions": meta["versions"], "models": models})
+            start = time.perf_counter()  # throughput counts from the first batch, actors started
+            with InterruptGuard() as interrupt:
+                executor.stop_requested = interrupt
+                executor.run(counted(groups()), lambda shard: shard in done, shard_done, writer)
+        finally:
+            executor.stop()
         outcome.faults.update(getattr(executor, "faults", {}))
         outcome.actors = getattr(executor, "stage_stats", {})
         if interrupt.requested:

@@ -1,0 +1,47 @@
+"""A fresh run on Ray overlaps its start-up: the stage actors are launched before the scan and load their
+models while the scan's decode tasks run; the plan then fits them to the work (no more actors than batches)."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import demo_config
+from styledistill.pipeline import run as run_module
+from styledistill.pipeline.run import run_pipeline
+from styledistill.schemas.metrics import read_metrics
+from styledistill.schemas.stages import active_stages
+
+
+def _stage_actors(ray) -> list[str]:
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("styledistill-")]
+
+
+@pytest.mark.slow
+def test_a_fresh_run_launches_its_stage_actors_before_the_scan(local_ray, sample_data, tmp_path, monkeypatch):
+    seen_at_scan = []
+    real_scan = run_module.scan_sources
+
+    def scan(*args, **kwargs):
+        seen_at_scan.extend(_stage_actors(local_ray))
+        return real_scan(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "scan_sources", scan)
+    # 2 photos, batches of 2 groups: one batch per shard of 6 samples, 2 batches; 3 score actors asked for.
+    config = demo_config(sample_data, tmp_path / "run", "plan.max_photos=2", "stages.score.concurrency=3",
+                         "stages.score.num_cpus=0.25")
+    outcome = run_pipeline(config, report=False)
+
+    launched = {name.split("-")[1] for name in seen_at_scan}
+    assert launched == {spec.name for spec in active_stages(config)}
+    assert sum(name.startswith("styledistill-score-") for name in seen_at_scan) == 3
+    assert sum(outcome.counts.values()) == 8
+    # The plan had 2 batches: the third score actor was killed before it got one.
+    assert read_metrics(str(tmp_path / "run"))["stages"]["score"]["actors"] == 2
+    assert _stage_actors(local_ray) == []  # the run stops its actors (and the writers) when it ends
+
+
+def test_actors_wait_for_the_scan_when_they_would_leave_it_no_cpu(sample_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(run_module.ray, "available_resources", lambda: {"CPU": 4.0})
+    # The demo's actors hold 0.25 + 1 + 1 + 0.25 CPUs, and its writer 0.25: 1.25 of 4 left for the scan.
+    assert run_module._room_to_scan_beside(demo_config(sample_data, tmp_path / "a"))
+    assert not run_module._room_to_scan_beside(demo_config(sample_data, tmp_path / "b", "stages.score.num_cpus=1.5"))
