@@ -46,6 +46,20 @@ def demo_config(sample_data: Path, out: Path, *overrides: str) -> RunConfig:
     ])
 
 
+# Small enough that a whole pipeline run (then killed, resumed, faulted) takes seconds.
+SMALL = ("plan.max_photos=6", "plan.samples_per_shard=4")
+
+
+@pytest.fixture(scope="session")
+def reference_run(sample_data, tmp_path_factory) -> Path:
+    """An uninterrupted inline run of SMALL: what every killed, resumed or faulted run must equal, byte for byte."""
+    from styledistill.pipeline.run import run_pipeline
+
+    out = tmp_path_factory.mktemp("reference") / "run"
+    run_pipeline(demo_config(sample_data, out, *SMALL), inline=True, report=False)
+    return out
+
+
 # --- tiny random models, built once per session -------------------------------------------------------------
 # Tests only read these folders and files (backends and trainers load them like real checkpoints).
 

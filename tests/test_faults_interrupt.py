@@ -11,11 +11,11 @@ import time
 
 import pytest
 
-from conftest import demo_config
+from conftest import SMALL, demo_config
 from styledistill.pipeline.faults import Interrupted
 from styledistill.pipeline.run import run_pipeline
 from styledistill.schemas import manifest as mf
-from test_resume import SMALL, _assert_same_dataset, _cli, _wait_for, reference_run  # noqa: F401 - fixture
+from test_resume import _assert_same_dataset, _cli, _wait_for
 
 MESSAGE = "interrupted: rerun the same command to resume"
 

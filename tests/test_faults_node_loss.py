@@ -12,12 +12,12 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from conftest import demo_config
+from conftest import SMALL, demo_config
 from styledistill.pipeline.faults import FAULTS_ENV, injected_faults
 from styledistill.pipeline.run import run_pipeline
 from styledistill.schemas import manifest as mf
 from test_pipeline_e2e import read_manifests
-from test_resume import SMALL, _assert_same_dataset, _wait_for, reference_run  # noqa: F401 - fixture
+from test_resume import _assert_same_dataset, _wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -10,14 +10,14 @@ import pandas as pd
 import pytest
 
 from styledistill.io import faultfs
-from conftest import demo_config
+from conftest import SMALL, demo_config
 from styledistill.io.retry import RetriesExhausted, is_retryable, retrying
 from styledistill.io import uris
 from styledistill.pipeline.faults import OutputWriteError
 from styledistill.pipeline.run import run_pipeline
 from styledistill.pipeline.scan import scan_sources
 from styledistill.schemas import manifest as mf
-from test_resume import SMALL, _assert_same_dataset, reference_run  # noqa: F401 - fixture
+from test_resume import _assert_same_dataset
 
 
 @pytest.fixture(autouse=True)

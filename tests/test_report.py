@@ -230,6 +230,26 @@ def test_stage_throughput(run_dir):
     assert stages["load"]["actors"] is None and stages["load"]["shard_seconds"] == 2.0
 
 
+def test_faults_survived_are_shown_per_attempt_and_for_the_run(run_dir):
+    from styledistill.schemas.metrics import append_attempt
+
+    html = render_report(build_summary(run_dir), run_dir)
+    assert "No faults: no batch was retried" in html  # the fixture's single attempt recorded none
+    append_attempt(run_dir, {"wall_s": 5.0, "samples": 4, "shards_written": 1, "stages": {},
+                             "faults": {"retried_batches": 3, "restarted_actors": 1, "timeouts": 0}})
+    append_attempt(run_dir, {"wall_s": 2.0, "samples": 2, "shards_written": 1, "stages": {},
+                             "faults": {"retried_batches": 2, "node_losses": 1}})
+    summary = build_summary(run_dir)
+    assert summary["throughput"]["faults"] == {"retried_batches": 5, "restarted_actors": 1, "timeouts": 0,
+                                               "node_losses": 1}
+    assert [a["faults"] for a in summary["throughput"]["attempts"]][1:] == [
+        {"retried_batches": 3, "restarted_actors": 1, "timeouts": 0}, {"retried_batches": 2, "node_losses": 1}]
+    html = render_report(summary, run_dir)
+    assert "Faults the run survived (every attempt): node losses 1, restarted actors 1, retried batches 5." in html
+    assert "<td class=\"l\">restarted actors 1, retried batches 3</td>" in html  # a zero count is left out
+    assert "No faults" not in html
+
+
 def test_html_is_self_contained_with_thresholds_and_thumbnails(run_dir):
     html = render_report(build_summary(run_dir), run_dir)
     assert 'src="http' not in html and 'href="http' not in html and "<script" not in html

@@ -13,21 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEMO_CONFIG, demo_config
+from conftest import DEMO_CONFIG, SMALL, demo_config
 from styledistill.pipeline.run import run_pipeline
 from styledistill.schemas import manifest as mf
 from test_pipeline_e2e import read_manifests, run_files
 
-SMALL = ("plan.max_photos=6", "plan.samples_per_shard=4")
-
 pytestmark = pytest.mark.slow  # whole pipeline runs, killed and resumed
-
-
-@pytest.fixture(scope="module")
-def reference_run(sample_data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("reference") / "run"
-    run_pipeline(demo_config(sample_data, out, *SMALL), inline=True, report=False)
-    return out
 
 
 def _cli(sample_data: Path, out: Path) -> list[str]:

@@ -92,6 +92,12 @@ def fmt_seconds(value: float | None) -> str:
 # SVG charts
 
 
+def fmt_faults(faults: dict[str, int] | None) -> str:
+    """{"retried_batches": 3, "restarted_actors": 1} -> "retried batches 3, restarted actors 1"; "–" if none."""
+    parts = [f"{name.replace('_', ' ')} {count:,}" for name, count in sorted((faults or {}).items()) if count]
+    return ", ".join(parts) or "–"
+
+
 def histogram_svg(column: str, score: dict[str, Any], width: int = 380, height: int = 190) -> str:
     """Stacked bars per bin (accepted, rejected, failed) with the configured threshold lines."""
     hist = score["histogram"]
@@ -403,7 +409,7 @@ def read_calibration(run_uri: str) -> dict[str, Any] | None:
 def render_report(summary: dict[str, Any], run_uri: str, review_per_cell: int = REVIEW_PER_CELL) -> str:
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
                              lstrip_blocks=True)
-    env.filters.update(num=fmt_num, pct=fmt_pct, bytes=fmt_bytes, secs=fmt_seconds)
+    env.filters.update(num=fmt_num, pct=fmt_pct, bytes=fmt_bytes, secs=fmt_seconds, faults=fmt_faults)
     per_status = int(summary["run"].get("thumbnails_in_report") or 0)
     thumbs = collect_thumbnails(run_uri, [s["name"] for s in summary["shards"]], per_status)
     histograms = [
@@ -716,12 +722,14 @@ Target precision {{ c.settings.target_precision }}; no threshold is suggested fr
 {% if s.throughput.attempts %}
 <p class="muted">Actors, busy time and utilisation above add up every attempt of the run (utilisation: busy time over the actor-seconds each attempt had); its history:</p>
 <table class="attempts">
-<tr><th>attempt</th><th class="l">started</th><th class="l">executor</th><th>wall</th><th>shards written</th><th>shards skipped</th><th>samples</th><th>samples/s</th><th class="l">actors · utilisation by stage</th></tr>
+<tr><th>attempt</th><th class="l">started</th><th class="l">executor</th><th>wall</th><th>shards written</th><th>shards skipped</th><th>samples</th><th>samples/s</th><th class="l">actors · utilisation by stage</th><th class="l">faults survived</th></tr>
 {% for a in s.throughput.attempts %}
-<tr><td>{{ a.attempt }}</td><td class="l mono">{{ a.started or "–" }}</td><td class="l">{{ a.executor or "–" }}</td><td>{{ a.wall_s|secs }}</td><td>{{ a.shards_written|num }}</td><td>{{ a.shards_skipped|num }}</td><td>{{ a.samples|num }}</td><td>{{ a.samples_per_s|num(3) }}</td><td class="l">{% for name, u in a.utilisation.items() %}{{ name }} {{ a.actors[name]|num }} · {{ u|pct }}{% if not loop.last %}; {% endif %}{% else %}nothing left to do{% endfor %}</td></tr>
+<tr><td>{{ a.attempt }}</td><td class="l mono">{{ a.started or "–" }}</td><td class="l">{{ a.executor or "–" }}</td><td>{{ a.wall_s|secs }}</td><td>{{ a.shards_written|num }}</td><td>{{ a.shards_skipped|num }}</td><td>{{ a.samples|num }}</td><td>{{ a.samples_per_s|num(3) }}</td><td class="l">{% for name, u in a.utilisation.items() %}{{ name }} {{ a.actors[name]|num }} · {{ u|pct }}{% if not loop.last %}; {% endif %}{% else %}nothing left to do{% endfor %}</td><td class="l">{{ a.faults|faults }}</td></tr>
 {% endfor %}
 </table>
 {% endif %}
+{% if s.throughput.faults %}<p class="faults">Faults the run survived (every attempt): {{ s.throughput.faults|faults }}. Each is logged where it happened; a sample it cost is a failed row with its reason.</p>
+{% elif s.throughput.metrics_present %}<p class="muted">No faults: no batch was retried, no actor restarted, no call timed out.</p>{% endif %}
 {% else %}<p class="muted">No stage timings.</p>{% endif %}
 
 <h2>Sources</h2>

@@ -228,6 +228,7 @@ def build_summary(run_uri: str) -> dict[str, Any]:
             "wall_s": metrics.get("wall_s"),
             "samples_per_s": metrics.get("samples_per_s"),
             "metrics_present": bool(metrics),
+            "faults": metrics.get("faults") or {},  # what the run survived, every attempt added up
             "attempts": _attempt_rows(metrics.get("attempts") or []),
         },
         "sources": _sources_summary(run_uri),
@@ -397,6 +398,7 @@ def _attempt_rows(attempts: list[dict]) -> list[dict[str, Any]]:
                      "wall_s": wall, "samples": a.get("samples"), "shards_written": a.get("shards_written"),
                      "shards_skipped": a.get("shards_skipped"), "samples_per_s": a.get("samples_per_s"),
                      "actors": {name: m.get("actors") for name, m in stages.items()},
+                     "faults": a.get("faults") or {},
                      "utilisation": {name: shares[name] for name in ordered}})
     return rows
 
