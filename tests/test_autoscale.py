@@ -87,9 +87,10 @@ def test_a_backed_up_stage_grows_and_an_idle_one_shrinks_on_ray(local_ray, sampl
         "filters.generation_rules=[]", "stages.generate.num_cpus=0.25", "stages.generate.batch_size=2",
         "stages.generate.max_actors=3", "stages.generate.max_in_flight=1", "ray.groups_per_batch=1",
         "plan.samples_per_shard=24", "ray.max_shards_in_flight=8",
-        "stages.score.num_cpus=0.25", "stages.score.min_actors=1", "stages.score.max_actors=2")
+        "stages.score.num_cpus=0.25", "stages.score.min_actors=1", "stages.score.max_actors=2",
+        "ray.autoscale.idle_s=0.5", "ray.autoscale.backlog_s=1.0")
     prepared = prepare_run(config)
-    executor = RayExecutor(config, build_stages(config), AutoscalePolicy(idle_s=0.5, backlog_s=1.0))
+    executor = RayExecutor(config, build_stages(config))
     models = executor.start()
     # The score pool is grown by hand at the start: with nothing for it to do yet, it must shrink back.
     writer = ShardWriter(config, prepared.run_uri, {"config_hash": prepared.meta["config_hash"],

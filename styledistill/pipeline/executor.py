@@ -348,10 +348,10 @@ class RayExecutor:
 
     AUTOSCALE_TICK_S = 0.5
 
-    def __init__(self, config: RunConfig, stages: list[Stage], policy: AutoscalePolicy | None = None):
+    def __init__(self, config: RunConfig, stages: list[Stage]):
         self.config, self.stages = config, stages
         self.faults: Counter = Counter()  # retried_batches, restarted_actors, timeouts, split_batches, ...
-        self.policy = policy or AutoscalePolicy()
+        self.policy = AutoscalePolicy(config.ray.autoscale.idle_s, config.ray.autoscale.backlog_s)
         self.stage_stats: dict[str, dict] = {}  # per stage, after run: actors (min, peak, max), actor_s
         self.scaling: list[tuple[float, str, str, int]] = []  # (s into the run, stage, grow/shrink, actors after)
         self.pools: list[_Pool] = []

@@ -138,12 +138,20 @@ class OutputConfig(Strict):
     thumbnails_in_report: int = 12
 
 
+class AutoscaleConfig(Strict):
+    """When a stage whose actors autoscale (min_actors < max_actors) grows or shrinks (pipeline/autoscale.py)."""
+
+    backlog_s: float = Field(2.0, gt=0)  # grow a stage whose queue would take its actors this long to drain
+    idle_s: float = Field(5.0, gt=0)  # retire an actor that has had nothing to do this long (to min_actors)
+
+
 class RayConfig(Strict):
     address: str | None = None  # None: start local Ray; "auto" or HOST:PORT: join a cluster
     num_cpus: int | None = None  # local Ray only
     max_shards_in_flight: int = Field(4, ge=1)
     groups_per_batch: int = Field(2, ge=1)
     batch_retries: int = Field(2, ge=0)
+    autoscale: AutoscaleConfig = AutoscaleConfig()
 
 
 class RunConfig(Strict):
