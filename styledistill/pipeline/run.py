@@ -190,9 +190,14 @@ def prepare_run(config: RunConfig, *, ray_address: str | None = None, inline: bo
                 if not ray_was_up and ray.is_initialized():
                     ray.shutdown()
                 raise
-    meta = open_run_folder(config, run_uri)
-    labeler = None if scanned else build_labeler(config, inline)
-    sources = scan_sources(config, run_uri, labeler, on_scan, use_ray=not inline)
+    try:
+        meta = open_run_folder(config, run_uri)
+        labeler = None if scanned else build_labeler(config, inline)
+        sources = scan_sources(config, run_uri, labeler, on_scan, use_ray=not inline)
+    except BaseException:  # a bad source, another run's folder, Ctrl-C: the launched actors go at once
+        if executor is not None:
+            executor.stop()
+        raise
     return PreparedRun(run_uri, meta, Planner(config, *split_pools(sources)), finished_shards(run_uri),
                        backends_checked=not scanned, executor=executor)
 
