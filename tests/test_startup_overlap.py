@@ -33,51 +33,76 @@ def _actors_left_after(ray, seconds: float = 15.0) -> list[str]:
     return left
 
 
-@pytest.mark.slow
-def test_a_fresh_run_launches_its_stage_actors_before_the_scan(local_ray, sample_data, tmp_path, monkeypatch):
-    seen_at_scan = []
+@pytest.fixture
+def actors_at_scan(local_ray, monkeypatch) -> list[str]:
+    """The names of the run's actors alive when the scan begins (filled in by the run)."""
+    seen: list[str] = []
     real_scan = run_module.scan_sources
 
     def scan(*args, **kwargs):
-        seen_at_scan.extend(_stage_actors(local_ray))
+        seen.extend(_stage_actors(local_ray))
         return real_scan(*args, **kwargs)
 
     monkeypatch.setattr(run_module, "scan_sources", scan)
     _all_cpus_free(local_ray)
+    return seen
+
+
+@pytest.fixture
+def executors(monkeypatch) -> list:
+    """The run's Ray executors, held here: only an explicit stop (not their handles going away) ends the actors."""
+    held = []
+
+    class Held(run_module.RayExecutor):
+        def __init__(self, *args):
+            super().__init__(*args)
+            held.append(self)
+
+    monkeypatch.setattr(run_module, "RayExecutor", Held)
+    return held
+
+
+@pytest.mark.slow
+def test_a_fresh_run_launches_its_stage_actors_before_the_scan(local_ray, actors_at_scan, executors, sample_data,
+                                                               tmp_path):
     # 2 photos, batches of 2 groups: one batch per shard of 6 samples, 2 batches; 3 score actors asked for.
     config = demo_config(sample_data, tmp_path / "run", "plan.max_photos=2", "stages.score.concurrency=3",
                          "stages.score.num_cpus=0.25")
     outcome = run_pipeline(config, report=False)
 
-    launched = {name.split("-")[1] for name in seen_at_scan}
+    launched = {name.split("-")[1] for name in actors_at_scan}
     assert launched == {spec.name for spec in active_stages(config)}
-    assert sum(name.startswith("styledistill-score-") for name in seen_at_scan) == 3
+    assert sum(name.startswith("styledistill-score-") for name in actors_at_scan) == 3
     assert sum(outcome.counts.values()) == 8
     # The plan had 2 batches: the third score actor was killed before it got one.
     assert read_metrics(str(tmp_path / "run"))["stages"]["score"]["actors"] == 2
-    assert _actors_left_after(local_ray) == []  # the run stops its actors (and the writers) when it ends
+    assert len(executors) == 1 and _actors_left_after(local_ray) == []  # stopped (and the writers) at the end
 
 
 @pytest.mark.slow
-def test_a_scan_that_fails_stops_the_launched_actors(local_ray, sample_data, tmp_path, monkeypatch):
-    launched = []
-    real_scan = run_module.scan_sources
-
-    def scan(*args, **kwargs):
-        launched.extend(_stage_actors(local_ray))
-        return real_scan(*args, **kwargs)
-
-    monkeypatch.setattr(run_module, "scan_sources", scan)
-    _all_cpus_free(local_ray)
+def test_a_scan_that_fails_stops_the_launched_actors(local_ray, actors_at_scan, executors, sample_data, tmp_path):
     config = demo_config(sample_data, tmp_path / "run", f"sources.0.uri={tmp_path / 'no-such-folder'}")
     with pytest.raises(Exception, match="no-such-folder"):
         run_pipeline(config, report=False)
-    assert launched  # they were up when the scan began
+    assert actors_at_scan and len(executors) == 1  # they were up when the scan began
     assert _actors_left_after(local_ray) == []
 
 
-def test_actors_wait_for_the_scan_when_they_would_leave_it_no_cpu(sample_data, tmp_path, monkeypatch):
-    monkeypatch.setattr(run_module.ray, "available_resources", lambda: {"CPU": 4.0})
-    # The demo's actors hold 0.25 + 1 + 1 + 0.25 CPUs, and its writer 0.25: 1.25 of 4 left for the scan.
-    assert run_module._room_to_scan_beside(demo_config(sample_data, tmp_path / "a"))
+def _cluster(monkeypatch, free_cpus: float, nodes_with_cpus: int) -> None:
+    monkeypatch.setattr(run_module.ray, "available_resources", lambda: {"CPU": free_cpus})
+    nodes = [{"Alive": True, "Resources": {"CPU": 8.0, "GPU": 8.0}} for _ in range(nodes_with_cpus)]
+    nodes += [{"Alive": True, "Resources": {"GPU": 1.0}}, {"Alive": False, "Resources": {"CPU": 8.0}}]
+    monkeypatch.setattr(run_module.ray, "nodes", lambda: nodes)
+
+
+def test_actors_wait_for_the_scan_when_they_could_leave_it_no_cpu(sample_data, tmp_path, monkeypatch):
+    # The demo's actors hold 0.25 + 1 + 1 + 0.25 CPUs, and its writer 0.25: 2.75 in all.
+    demo = demo_config(sample_data, tmp_path / "a")
+    _cluster(monkeypatch, free_cpus=4.0, nodes_with_cpus=1)
+    assert run_module._room_to_scan_beside(demo)  # 1.25 left on the one node
     assert not run_module._room_to_scan_beside(demo_config(sample_data, tmp_path / "b", "stages.score.num_cpus=1.5"))
+    # 1.25 CPUs left over two nodes could be 0.625 on each: no decode task would ever be placed.
+    _cluster(monkeypatch, free_cpus=4.0, nodes_with_cpus=2)
+    assert not run_module._room_to_scan_beside(demo)
+    _cluster(monkeypatch, free_cpus=4.75, nodes_with_cpus=2)  # 2 left over two nodes: one has a whole CPU
+    assert run_module._room_to_scan_beside(demo)

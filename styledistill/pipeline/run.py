@@ -203,11 +203,14 @@ def prepare_run(config: RunConfig, *, ray_address: str | None = None, inline: bo
 
 
 def _room_to_scan_beside(config: RunConfig) -> bool:
-    """Whether the cluster keeps a CPU for the scan's decode tasks once every actor of this config holds its
-    own: only then are the stage actors launched before the scan (else the scan would wait on them)."""
+    """Whether some node keeps a whole CPU for the scan's decode tasks however every actor of this config is
+    placed: only then are the stage actors launched before the scan (else the scan could wait on them for
+    good). The CPUs left once the actors hold theirs are spread over the nodes somehow; if there are at
+    least as many as nodes with CPUs, some node has one (the average does)."""
     held = sum(getattr(config.stages, spec.name).num_cpus * getattr(config.stages, spec.name).actor_range[0]
                for spec in STAGES.values() if spec.enabled(config))
-    return ray.available_resources().get("CPU", 0) - held >= 1
+    nodes = sum(1 for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) > 0)
+    return ray.available_resources().get("CPU", 0) - held >= max(1, nodes)
 
 
 def run_pipeline(config: RunConfig, *, ray_address: str | None = None, inline: bool = False,
