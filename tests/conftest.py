@@ -11,6 +11,7 @@ without having asked for one fails, so test files pass in any order.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from importlib import resources
 from pathlib import Path
@@ -121,6 +122,24 @@ def local_ray():
         ray.init(address="local", num_cpus=LOCAL_RAY_CPUS, include_dashboard=False, logging_level="ERROR")
         _ray_owner[:] = ["local"]
     yield ray
+
+
+@contextlib.contextmanager
+def joined_cluster(head: dict, workers: list[dict]):
+    """A ray.cluster_utils.Cluster of a head and worker nodes (`add_node` arguments), with this process's
+    driver joined to it; yields (cluster, worker nodes) and shuts both down after."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args=head)
+    nodes = [cluster.add_node(**worker) for worker in workers]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="ERROR")
+    try:
+        yield cluster, nodes
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 @pytest.fixture(scope="module")

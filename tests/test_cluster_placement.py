@@ -13,14 +13,13 @@ import sys
 
 import pytest
 import ray
-from ray.cluster_utils import Cluster
 
 from styledistill.pipeline.executor import check_placeable
 from styledistill.pipeline.run import run_pipeline
 from styledistill.schemas import manifest as mf
 from styledistill.schemas.config import parse_config
 from styledistill.schemas.stages import StageResources
-from conftest import DEMO_CONFIG
+from conftest import DEMO_CONFIG, joined_cluster
 from sample_images import write_photos, write_stylized
 
 
@@ -31,15 +30,9 @@ pytestmark = pytest.mark.slow
 def cluster(no_local_ray):
     # One cluster for the module (starting one costs ~10 s); the last test removes the GPU node. The driver
     # joins it, so no other Ray may be up in this process (no_local_ray shuts down the shared one first).
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0})
-    worker = cluster.add_node(num_cpus=2, num_gpus=2, resources={"gpu_node": 1})
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, logging_level="ERROR")
-    try:
+    with joined_cluster({"num_cpus": 2, "num_gpus": 0}, [{"num_cpus": 2, "num_gpus": 2, "resources": {"gpu_node": 1}}]
+                        ) as (cluster, [worker]):
         yield cluster, worker
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 def placement_config(tmp_path, out: str) -> dict:

@@ -10,9 +10,8 @@ import threading
 
 import pytest
 import ray
-from ray.cluster_utils import Cluster
 
-from conftest import SMALL, demo_config
+from conftest import SMALL, demo_config, joined_cluster
 from styledistill.pipeline.faults import FAULTS_ENV, injected_faults
 from styledistill.pipeline.run import run_pipeline
 from styledistill.schemas import manifest as mf
@@ -28,16 +27,8 @@ def cluster(tmp_path, monkeypatch):
     faults.write_text(json.dumps({"state_dir": str(tmp_path / "state"), "rules": []}))
     monkeypatch.setenv(FAULTS_ENV, str(faults))  # before the nodes start: their workers inherit it
     ray.shutdown()  # a Ray left by an earlier test
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    for _ in range(2):
-        cluster.add_node(num_cpus=3)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, logging_level="ERROR")
-    try:
+    with joined_cluster({"num_cpus": 0}, [{"num_cpus": 3}, {"num_cpus": 3}]) as (cluster, _):
         yield cluster, faults
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 def _node_of_actor(prefix: str) -> str:
