@@ -9,6 +9,9 @@ a tiny status return: an actor that dies (or runs past its stage's `timeout_s` a
 batch it was running retried (`ray.batch_retries`), the batches queued behind it re-sent uncharged, and a
 batch that keeps killing its actor is split in halves until the groups responsible are isolated and
 recorded as failed; a batch whose inputs were lost with a node starts over from the first stage.
+Lifecycle: `launch` creates the actors without waiting for them (a fresh run launches them before its scan,
+so models load meanwhile), `fit` caps them to the plan once it is known, `start` waits until their models are
+loaded, `run` streams the plan through them, and `stop` kills them all when the run ends.
 A stage with `min_actors` < `max_actors` autoscales: every half second the pools are described to
 `pipeline.autoscale.AutoscalePolicy`, which grows the stage whose queue backs up (within each node's free
 resources) and retires actors idle for a while; the executor only applies its decisions.
