@@ -28,7 +28,7 @@ from styledistill.pipeline.planner import Planner
 from styledistill.pipeline.scan import scan_sources
 from styledistill.pipeline.stages import build_backend, build_stages
 from styledistill.pipeline.workplan import WorkPlan, survey
-from styledistill.schemas.stages import STAGES, active_stages
+from styledistill.schemas.stages import held_cpus
 from styledistill.schemas import manifest as mf
 from styledistill.schemas.metrics import append_attempt
 from styledistill.schemas.config import ConfigError, RunConfig
@@ -121,12 +121,10 @@ def start_ray(config: RunConfig, address: str | None) -> None:
     if address and address != "local":  # "local" asks for what we do anyway: a private Ray, sized below
         ray.init(address=address, logging_level="ERROR")  # never num_cpus: the cluster has its own
         return
-    # A local Ray gets enough logical CPUs for one actor of every stage, and one for the scan's decode tasks
+    # A local Ray gets enough logical CPUs for the actors of every stage, and one for the scan's decode tasks
     # (they run while the actors load): on a laptop-sized machine the stages then share the cores instead
     # of an actor (or the scan) waiting forever for a CPU that never frees up.
-    actors = [getattr(config.stages, spec.name) for spec in [*active_stages(config), STAGES["write"]]]
-    wanted = 1 + sum(resources.num_cpus * resources.actor_range[0] for resources in actors)
-    num_cpus = config.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(wanted))
+    num_cpus = config.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(1 + held_cpus(config)))
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR")
 
 
@@ -169,14 +167,13 @@ def prepare_run(config: RunConfig, *, ray_address: str | None = None, inline: bo
     # the backends' imports (seconds) to check options its first attempt checked: run_pipeline checks them
     # when there is work left.
     scanned = uris.exists(uris.join(run_uri, mf.SOURCES_FILE))
-    executor = None
-    if not scanned:
-        # The check imports every backend (seconds of CPU, torch among them) while Ray starts its processes
-        # and the stage actors load their models; a config it refuses takes down what started meanwhile.
-        ray_was_up = ray.is_initialized()
-        with ThreadPoolExecutor(1) as background:
-            checked = background.submit(check_backends, config)
-            try:
+    executor, ray_was_up = None, ray.is_initialized()
+    try:
+        if not scanned:
+            # The check imports every backend (seconds of CPU, torch among them) while Ray starts its processes
+            # and the stage actors load their models.
+            with ThreadPoolExecutor(1) as background:
+                checked = background.submit(check_backends, config)
                 if not inline:
                     start_ray(config, ray_address)
                     check_cluster_fits(config)
@@ -184,19 +181,14 @@ def prepare_run(config: RunConfig, *, ray_address: str | None = None, inline: bo
                     executor = RayExecutor(config, build_stages(config))
                     executor.launch()
                 checked.result()
-            except Exception:
-                if executor is not None:
-                    executor.stop()
-                if not ray_was_up and ray.is_initialized():
-                    ray.shutdown()
-                raise
-    try:
         meta = open_run_folder(config, run_uri)
         labeler = None if scanned else build_labeler(config, inline)
         sources = scan_sources(config, run_uri, labeler, on_scan, use_ray=not inline)
-    except BaseException:  # a bad source, another run's folder, Ctrl-C: the launched actors go at once
+    except BaseException:  # a refused config, a bad source, Ctrl-C: what started meanwhile goes at once
         if executor is not None:
             executor.stop()
+        if not ray_was_up and ray.is_initialized():
+            ray.shutdown()
         raise
     return PreparedRun(run_uri, meta, Planner(config, *split_pools(sources)), finished_shards(run_uri),
                        backends_checked=not scanned, executor=executor)
@@ -207,10 +199,8 @@ def _room_to_scan_beside(config: RunConfig) -> bool:
     placed: only then are the stage actors launched before the scan (else the scan could wait on them for
     good). The CPUs left once the actors hold theirs are spread over the nodes somehow; if there are at
     least as many as nodes with CPUs, some node has one (the average does)."""
-    held = sum(getattr(config.stages, spec.name).num_cpus * getattr(config.stages, spec.name).actor_range[0]
-               for spec in STAGES.values() if spec.enabled(config))
     nodes = sum(1 for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) > 0)
-    return ray.available_resources().get("CPU", 0) - held >= max(1, nodes)
+    return ray.available_resources().get("CPU", 0) - held_cpus(config) >= max(1, nodes)
 
 
 def run_pipeline(config: RunConfig, *, ray_address: str | None = None, inline: bool = False,

@@ -106,6 +106,13 @@ def active_stages(config: RunConfig) -> list[StageSpec]:
     return [spec for spec in PIPELINE_STAGES if spec.enabled(config)]
 
 
+def held_cpus(config: RunConfig) -> float:
+    """CPUs the actors of this config hold from their start (each stage at its minimum actor count; the writer
+    and the labeler included): what a local Ray is sized for and what the scan must find left beside them."""
+    return sum(getattr(config.stages, spec.name).num_cpus * getattr(config.stages, spec.name).actor_range[0]
+               for spec in STAGES.values() if spec.enabled(config))
+
+
 def stage_by_impl(cls: type) -> StageSpec:
     """The declaration whose `impl` is this class."""
     path = f"{cls.__module__}:{cls.__qualname__}"
