@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -122,6 +123,15 @@ def local_ray():
         ray.init(address="local", num_cpus=LOCAL_RAY_CPUS, include_dashboard=False, logging_level="ERROR")
         _ray_owner[:] = ["local"]
     yield ray
+
+
+def wait_for(predicate, timeout: float) -> None:
+    """Poll `predicate` until it holds; TimeoutError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not reached within {timeout:g} s")
+        time.sleep(0.05)
 
 
 @contextlib.contextmanager

@@ -11,11 +11,11 @@ import time
 
 import pytest
 
-from conftest import SMALL, demo_config
+from conftest import SMALL, demo_config, wait_for
 from styledistill.pipeline.faults import Interrupted
 from styledistill.pipeline.run import run_pipeline
 from styledistill.schemas import manifest as mf
-from test_resume import _assert_same_dataset, _cli, _wait_for
+from test_resume import _assert_same_dataset, _cli
 
 MESSAGE = "interrupted: rerun the same command to resume"
 
@@ -62,7 +62,7 @@ def test_ctrl_c_on_the_command_line_then_rerun_is_byte_identical(sample_data, tm
     proc = subprocess.Popen(_cli(sample_data, out), start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: (shards.exists() and any(shards.glob("*_stats.json"))) or proc.poll() is not None,
+        wait_for(lambda: (shards.exists() and any(shards.glob("*_stats.json"))) or proc.poll() is not None,
                   timeout=240)
         assert proc.poll() is None, "the run ended before it could be interrupted"
         for _ in range(presses):

@@ -11,12 +11,12 @@ import threading
 import pytest
 import ray
 
-from conftest import SMALL, demo_config, joined_cluster
+from conftest import SMALL, demo_config, joined_cluster, wait_for
 from styledistill.pipeline.faults import FAULTS_ENV, injected_faults
 from styledistill.pipeline.run import run_pipeline
 from styledistill.schemas import manifest as mf
 from test_pipeline_e2e import read_manifests
-from test_resume import _assert_same_dataset, _wait_for
+from test_resume import _assert_same_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -58,11 +58,11 @@ def test_a_node_lost_mid_run_loses_nothing(sample_data, tmp_path, reference_run,
 
     def remove_a_node():
         if lost == "writer":
-            _wait_for(lambda: injected_faults(state).get("hang") == 1, timeout=300)
+            wait_for(lambda: injected_faults(state).get("hang") == 1, timeout=300)
             with open(f"{state}/node-write-hang") as f:
                 node = f.read()
         else:
-            _wait_for(lambda: shards.exists() and any(shards.glob("*_stats.json")), timeout=300)
+            wait_for(lambda: shards.exists() and any(shards.glob("*_stats.json")), timeout=300)
             node = _node_of_actor("styledistill-generate-")
         _remove(cluster, node)
         removed.append(node)

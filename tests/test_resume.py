@@ -8,12 +8,11 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import DEMO_CONFIG, SMALL, demo_config
+from conftest import DEMO_CONFIG, SMALL, demo_config, wait_for
 from styledistill.pipeline.run import run_pipeline
 from styledistill.schemas import manifest as mf
 from test_pipeline_e2e import read_manifests, run_files
@@ -31,14 +30,6 @@ def _cli(sample_data: Path, out: Path) -> list[str]:
 # The driver subprocess starts a local Ray of its own (killed with it), never joins a cluster that another
 # process recorded in /tmp/ray (ray.cluster_utils.Cluster does, and ray.init() would join that one).
 _OWN_LOCAL_RAY = {**os.environ, "RAY_ADDRESS": "local"}
-
-
-def _wait_for(predicate, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("the run never reached the point where it should be killed")
-        time.sleep(0.05)
 
 
 def _assert_same_dataset(run: Path, reference: Path) -> None:
@@ -60,7 +51,7 @@ def test_killed_driver_resumes_to_the_same_dataset(sample_data, tmp_path, refere
     proc = subprocess.Popen(_cli(sample_data, out), start_new_session=True, env=_OWN_LOCAL_RAY,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for(lambda: marker() or proc.poll() is not None, timeout=240)
+        wait_for(lambda: marker() or proc.poll() is not None, timeout=240)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started, mid-flight
         proc.wait()
@@ -91,7 +82,7 @@ def test_killed_stage_actor_loses_nothing(sample_data, tmp_path, reference_run, 
     earlier = set(ray.util.list_named_actors())  # names, in this job's namespace only
 
     def kill_generator_mid_run():
-        _wait_for(lambda: shards.exists() and any(shards.glob("*_stats.json")), timeout=240)
+        wait_for(lambda: shards.exists() and any(shards.glob("*_stats.json")), timeout=240)
         # This run's generate actor: in this job's namespace (list_named_actors() without all_namespaces) and
         # new since the run started, so never an actor of another driver or of an earlier test's run.
         ours = sorted(name for name in ray.util.list_named_actors()
@@ -109,7 +100,7 @@ def test_killed_stage_actor_loses_nothing(sample_data, tmp_path, reference_run, 
             except ray.exceptions.RayActorError:  # still restarting: calls to it fail until it is back
                 return False
 
-        _wait_for(restarted, timeout=120)
+        wait_for(restarted, timeout=120)
 
     errors: list[BaseException] = []
 

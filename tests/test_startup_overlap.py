@@ -3,11 +3,11 @@ models while the scan's decode tasks run; the plan then fits them to the work (n
 
 from __future__ import annotations
 
-import time
+import contextlib
 
 import pytest
 
-from conftest import demo_config
+from conftest import demo_config, wait_for
 from styledistill.pipeline import run as run_module
 from styledistill.pipeline.run import run_pipeline
 from styledistill.schemas.metrics import read_metrics
@@ -18,19 +18,17 @@ def _stage_actors(ray) -> list[str]:
     return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("styledistill-")]
 
 
-def _all_cpus_free(ray, seconds: float = 15.0) -> None:
+def _all_cpus_free(ray) -> None:
     """Wait until an earlier test's killed actors have handed back their CPUs (the launch decision reads them)."""
-    deadline = time.monotonic() + seconds
-    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
-        time.sleep(0.2)
+    with contextlib.suppress(TimeoutError):  # the launch rule itself is what the test then checks
+        wait_for(lambda: ray.available_resources().get("CPU", 0) >= ray.cluster_resources()["CPU"], timeout=15)
 
 
 def _actors_left_after(ray, seconds: float = 15.0) -> list[str]:
     """The run's actors still alive once a kill has had `seconds` to land (ray.kill is asynchronous)."""
-    deadline = time.monotonic() + seconds
-    while (left := _stage_actors(ray)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return left
+    with contextlib.suppress(TimeoutError):
+        wait_for(lambda: not _stage_actors(ray), timeout=seconds)
+    return _stage_actors(ray)
 
 
 @pytest.fixture

@@ -89,13 +89,13 @@ def fmt_seconds(value: float | None) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# SVG charts
-
-
 def fmt_faults(faults: dict[str, int] | None) -> str:
     """{"retried_batches": 3, "restarted_actors": 1} -> "retried batches 3, restarted actors 1"; "–" if none."""
     parts = [f"{name.replace('_', ' ')} {count:,}" for name, count in sorted((faults or {}).items()) if count]
     return ", ".join(parts) or "–"
+
+
+# SVG charts
 
 
 def histogram_svg(column: str, score: dict[str, Any], width: int = 380, height: int = 190) -> str:
