@@ -171,8 +171,8 @@ def run_benchmark(n: int, workdir: Path, scale: int, console: Console) -> list[M
     table = Table("mode", "photos", "samples", "wall s", "samples/s", "process s", "CPU s", "peak PSS MB",
                   "Σ RSS high-water MB")
     for m in [*results, rerun]:
-        table.add_row(m.mode, str(m.photos), str(m.samples), f"{m.wall_s:.1f}", f"{m.samples_per_s:.2f}", f"{m.process_s:.1f}",
-                      f"{m.cpu_s:.1f}", f"{m.peak_pss_mb:.0f}", f"{m.hwm_mb:.0f}")
+        table.add_row(m.mode, str(m.photos), str(m.samples), f"{m.wall_s:.1f}", f"{m.samples_per_s:.2f}",
+                      f"{m.process_s:.1f}", f"{m.cpu_s:.1f}", f"{m.peak_pss_mb:.0f}", f"{m.hwm_mb:.0f}")
     console.print(table)
     console.print(f"pipeline / bare loop throughput: {ray_n.samples_per_s / bare_n.samples_per_s:.2f}x at N, "
                   f"{ray_big.samples_per_s / bare_big.samples_per_s:.2f}x at {scale}xN (target >= 0.9x)")
