@@ -4,6 +4,9 @@ models while the scan's decode tasks run; the plan then fits them to the work (n
 from __future__ import annotations
 
 import contextlib
+import json
+import subprocess
+import sys
 
 import pytest
 
@@ -104,3 +107,23 @@ def test_actors_wait_for_the_scan_when_they_could_leave_it_no_cpu(sample_data, t
     assert not run_module._room_to_scan_beside(demo)
     _cluster(monkeypatch, free_cpus=4.75, nodes_with_cpus=2)  # 2 left over two nodes: one has a whole CPU
     assert run_module._room_to_scan_beside(demo)
+
+
+def test_driver_checks_the_demo_without_model_libraries():
+    """The driver checks the backends' options while Ray starts and then only dispatches: for the embedded
+    default neither that nor the pipeline it drives imports a model library (torch, timm, onnxruntime, and
+    webdataset, which imports torch), seconds of CPU and hundreds of MB that only the actors need."""
+    heavy = ["torch", "timm", "onnxruntime", "webdataset"]
+    code = (
+        "import json, sys\n"
+        "from styledistill.backends import check_backends\n"
+        "from importlib.resources import files\n"
+        "from pathlib import Path\n"
+        "import styledistill.pipeline.run\n"
+        "from styledistill.schemas.config import load_config\n"
+        "check_backends(load_config(Path(str(files('styledistill') / 'configs' / 'demo.yaml')), []))\n"
+        f"print(json.dumps([m for m in {heavy!r} if m in sys.modules]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == []

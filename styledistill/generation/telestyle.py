@@ -33,7 +33,7 @@ from styledistill.generation.base import GenerationRequest, Generator
 from styledistill.generation.lora import LoadedLora, LoraLoader, LoraSpec, load_loras
 from styledistill.generation.qwen_edit import QwenEditPipeline, dtype_kwargs, make_scheduler, schedule_arguments
 from styledistill.io.staging import staged
-from styledistill.io.weights import TORCH_DTYPES, DType, model_dir_revision
+from styledistill.io.weights import DType, model_dir_revision, torch_dtype
 
 
 @dataclass
@@ -216,7 +216,7 @@ class TeleStyleGenerator(Generator):
         if self.device == "cpu":
             torch.set_num_threads(self.threads)
         if options.dtype is not None:
-            self.dtype = TORCH_DTYPES[options.dtype]
+            self.dtype = torch_dtype(options.dtype)
         else:
             self.dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         self.model_path, self.model_revision = resolve_model(options.model)

@@ -13,14 +13,20 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal, TypeVar
 
-import torch
 from huggingface_hub import constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 
 from styledistill.io.staging import staged
 
 DType = Literal["float32", "float16", "bfloat16"]
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def torch_dtype(name: DType):
+    """The torch dtype a config names; torch is imported here, not by a driver that only checks options."""
+    import torch
+
+    return getattr(torch, name)
+
 WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".safetensors", ".npz")
 
 T = TypeVar("T")

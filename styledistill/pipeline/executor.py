@@ -31,18 +31,15 @@ import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from styledistill.pipeline.autoscale import AutoscalePolicy, PoolState
 from styledistill.pipeline.faults import OutputWriteError, write_shard
+from styledistill.pipeline.writer import ShardWriter
 from styledistill.pipeline.faults import inject as inject_faults
 from styledistill.pipeline.stages import Stage, build_backend, run_stage
 from styledistill.schemas.config import ModelSpec, RunConfig
 from styledistill.schemas.stages import STAGES, StageResources
 from styledistill.schemas.records import Group, GroupWork, ShardResult
-
-if TYPE_CHECKING:  # annotations only: the writer imports webdataset, hence torch
-    from styledistill.pipeline.writer import ShardWriter
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +146,8 @@ class StageActor:
 
 class WriterActor:
     def __init__(self, writer: ShardWriter):
+        import webdataset  # noqa: F401 - imported (torch with it: seconds) as the actor starts, not in its first write
+
         self.writer = writer
 
     def write(self, shard: int, batches: list[tuple[list[Group], object]]) -> ShardResult:

@@ -28,6 +28,7 @@ from styledistill.pipeline.planner import Planner
 from styledistill.pipeline.scan import scan_sources
 from styledistill.pipeline.stages import build_backend, build_stages
 from styledistill.pipeline.workplan import WorkPlan, survey
+from styledistill.pipeline.writer import ShardWriter
 from styledistill.schemas.stages import held_cpus
 from styledistill.schemas import manifest as mf
 from styledistill.schemas.metrics import append_attempt
@@ -265,8 +266,6 @@ def execute_plan(config: RunConfig, meta: dict, groups: Callable[[], Iterator[Gr
         executor = executor or (InlineExecutor if inline else RayExecutor)(sized, build_stages(sized))
         try:
             models = executor.start()
-            from styledistill.pipeline.writer import ShardWriter  # webdataset imports torch: only for work
-
             writer = ShardWriter(config, run_uri, {"config_hash": meta["config_hash"],
                                                    "versions": meta["versions"], "models": models})
             start = time.perf_counter()  # throughput counts from the first batch, actors started

@@ -18,7 +18,6 @@ from dataclasses import asdict
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import webdataset as wds
 from PIL import Image
 
 from styledistill.io import uris
@@ -87,6 +86,8 @@ class ShardSink:
         self.counts: Counter = Counter()
 
     def __enter__(self) -> ShardSink:
+        import webdataset as wds  # it imports torch: only where shards are written, not in a Ray driver
+
         self._files = ExitStack()
         self.tar = wds.TarWriter(self._files.enter_context(uris.open_for_write_atomic(self.tar_uri)), **TAR_OPTIONS)
         self.rejects = None

@@ -34,12 +34,12 @@ from torch import nn
 from styledistill.backends import Backend, BackendOptions
 from styledistill.scoring.base import EmbeddingScorer, reference_cosines
 from styledistill.io.weights import (
-    TORCH_DTYPES,
     DType,
     batched,
     cached_hf_file,
     local_file,
     sha256_files,
+    torch_dtype,
 )
 
 # Each side is averaged over many phrasings, so no single prompt's quirks decide the label.
@@ -148,7 +148,7 @@ class ClipModel:
     def __init__(self, options: ClipOptions, device: str):
         self.options = options
         self.device = torch.device(device)
-        self.dtype = TORCH_DTYPES[options.dtype]
+        self.dtype = torch_dtype(options.dtype)
         self.weights_path, tag_cfg = resolve_clip_weights(options.model, options.pretrained)
         model, _, self.preprocess = open_clip.create_model_and_transforms(
             options.model,

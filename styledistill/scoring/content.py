@@ -11,7 +11,6 @@ from skimage.transform import resize
 
 from styledistill.backends import BackendOptions
 from styledistill.scoring.base import EmbeddingScorer, reference_cosines
-from styledistill.scoring.effnet import shared_effnet
 
 
 class EffNetContentScorer(EmbeddingScorer):
@@ -28,6 +27,8 @@ class EffNetContentScorer(EmbeddingScorer):
         batch_size: int = Field(16, ge=1)
 
     def setup(self) -> None:
+        from styledistill.scoring.effnet import shared_effnet  # torch and timm: in the actor only
+
         self.net = shared_effnet(self.device, self.threads, self.options.batch_size)
 
     def embed(self, images: list[np.ndarray]) -> list[np.ndarray]:

@@ -34,7 +34,7 @@ from torch import nn
 
 from styledistill.backends import BackendOptions
 from styledistill.scoring.base import EmbeddingScorer, reference_cosines
-from styledistill.io.weights import TORCH_DTYPES, DType, batched, sha256_files, weights_file
+from styledistill.io.weights import DType, batched, sha256_files, torch_dtype, weights_file
 
 CSD_REPO = "tomg-group-umd/CSD-ViT-L"
 CSD_FILENAME = "pytorch_model.bin"
@@ -128,7 +128,7 @@ class CSDScorer(EmbeddingScorer):
     def setup(self) -> None:
         self.weights_path = weights_file(self.options.weights, CSD_FILENAME, "CSD")
         self.torch_device = torch.device(self.device)
-        self.dtype = TORCH_DTYPES[self.options.dtype]
+        self.dtype = torch_dtype(self.options.dtype)
         self.model = load_csd_model(self.weights_path, self.options).to(self.torch_device, self.dtype).eval()
         # 224 bicubic resize of the short side, centre crop, OpenAI CLIP mean/std: CSD's own eval transform.
         self.preprocess = open_clip.image_transform(

@@ -20,7 +20,7 @@ from transformers import AutoImageProcessor, AutoModel
 
 from styledistill.backends import BackendOptions
 from styledistill.scoring.base import EmbeddingScorer, reference_cosines
-from styledistill.io.weights import TORCH_DTYPES, DType, batched, model_dir, sha256_files
+from styledistill.io.weights import DType, batched, model_dir, sha256_files, torch_dtype
 
 DINOV2_TYPES = ("dinov2", "dinov2_with_registers")
 
@@ -39,7 +39,7 @@ class DinoScorer(EmbeddingScorer):
     def setup(self) -> None:
         path = model_dir(self.options.model, "DINOv2")
         self.torch_device = torch.device(self.device)
-        self.dtype = TORCH_DTYPES[self.options.dtype]
+        self.dtype = torch_dtype(self.options.dtype)
         self.processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
         model = AutoModel.from_pretrained(path, local_files_only=True, dtype=self.dtype)
         if model.config.model_type not in DINOV2_TYPES:

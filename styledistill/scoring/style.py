@@ -10,7 +10,6 @@ from pydantic import Field
 from styledistill.backends import BackendOptions
 from styledistill.generation.magenta import STYLE_PREDICTOR_ONNX, build_engine, onnx_digests
 from styledistill.scoring.base import EmbeddingScorer
-from styledistill.scoring.effnet import shared_effnet
 
 # timm stages 1 and 2 (strides 4 and 8; 24 and 40 channels): colour and texture, little object layout.
 GRAM_STAGES = (1, 2)
@@ -77,6 +76,8 @@ class GramStyleScorer(EmbeddingScorer):
         size: int = Field(256, ge=64)  # long side the images are resized to, aspect kept
 
     def setup(self) -> None:
+        from styledistill.scoring.effnet import shared_effnet  # torch and timm: in the actor only
+
         self.net = shared_effnet(self.device, self.threads, self.options.batch_size)
 
     def embed(self, images: list[np.ndarray]) -> list[list[np.ndarray]]:

@@ -12,7 +12,7 @@ import transformers
 from PIL import Image
 from transformers import AutoProcessor, BatchFeature, Qwen2_5_VLForConditionalGeneration
 
-from styledistill.io.weights import TORCH_DTYPES, model_dir_revision
+from styledistill.io.weights import model_dir_revision, torch_dtype
 from styledistill.vlm.base import ChatRequest, ChatResult, TransformersVLMOptions, VLMClient
 
 
@@ -31,7 +31,7 @@ class TransformersVLM(VLMClient):
         if self.device == "cpu":
             torch.set_num_threads(self.threads)
         default = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
-        dtype = TORCH_DTYPES.get(self.options.dtype, default)
+        dtype = default if self.options.dtype == "auto" else torch_dtype(self.options.dtype)
         try:
             self.processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
             self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(

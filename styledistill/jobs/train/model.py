@@ -25,7 +25,7 @@ from styledistill.generation.qwen_edit import QwenEditPipeline, dtype_kwargs
 from styledistill.generation.telestyle import resolve_model
 from styledistill.jobs.train import flow
 from styledistill.jobs.train.config import LoraConfig, ModelConfig
-from styledistill.io.weights import TORCH_DTYPES
+from styledistill.io.weights import torch_dtype
 
 
 def load_pipeline(cfg: ModelConfig, device: torch.device) -> QwenEditPipeline:
@@ -33,7 +33,7 @@ def load_pipeline(cfg: ModelConfig, device: torch.device) -> QwenEditPipeline:
     incomplete folder raises FileNotFoundError naming the path (`model.path`) and how to provide it."""
     path, _ = resolve_model(cfg.path, "model.path")
     try:
-        pipe = QwenEditPipeline.from_pretrained(path, local_files_only=True, **dtype_kwargs(TORCH_DTYPES[cfg.dtype]))
+        pipe = QwenEditPipeline.from_pretrained(path, local_files_only=True, **dtype_kwargs(torch_dtype(cfg.dtype)))
     except OSError as err:  # a partial download or a folder of another model
         raise FileNotFoundError(f"model.path: cannot load {path}: {err}") from err
     pipe.to(device)
