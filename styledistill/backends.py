@@ -3,7 +3,10 @@
 Every generator, scorer, labeler and enhancer is a `Backend`: options validated in the constructor (no
 weights yet, so a typo fails in a second), weights loaded once in `setup()` (once per Ray actor),
 `model_info()` stored with every sample. The registry maps a config's `backend:` name to the class's import
-path; classes are imported lazily, so a CPU-only run never imports diffusers or open_clip. A scorer's
+path; classes are imported lazily, so a CPU-only run never imports diffusers or open_clip. A backend's module
+imports no model library itself (torch, onnxruntime, diffusers, open_clip...): its model code lives in a
+module that `setup()` imports (effnet.py, clip_model.py, telestyle_pipeline.py), so the driver checks every
+option in a second while only the actors load the libraries (tested in the contract battery). A scorer's
 registry key is also the prefix of the scores it writes (`clip` writes `clip.content_cos`, ...).
 """
 

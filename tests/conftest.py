@@ -12,7 +12,10 @@ without having asked for one fails, so test files pass in any order.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import subprocess
+import sys
 import time
 from importlib import resources
 from pathlib import Path
@@ -132,6 +135,18 @@ def wait_for(predicate, timeout: float) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"not reached within {timeout:g} s")
         time.sleep(0.05)
+
+
+# Libraries only the actors need: seconds of CPU and hundreds of MB each (webdataset imports torch).
+MODEL_LIBRARIES = ("torch", "timm", "onnxruntime", "diffusers", "transformers", "open_clip", "peft", "webdataset")
+
+
+def model_libraries_after(code: str) -> list[str]:
+    """The MODEL_LIBRARIES a fresh interpreter has imported once it has run `code`."""
+    probe = f"{code}\nimport json, sys\nprint(json.dumps([m for m in {MODEL_LIBRARIES!r} if m in sys.modules]))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 
+from conftest import model_libraries_after
 from fake_openai import ScriptedServer, always
 from styledistill import backends
 from styledistill.generation.base import GenerationRequest
@@ -67,6 +68,18 @@ VIEWS = [{"content": "a", "style": "b", "target": "c", "recipe": "rns"},
 def test_every_registered_backend_is_in_the_battery():
     assert set(backends.SCORERS) == set(SCORER_OPTIONS)
     assert set(backends.GENERATORS) == set(GENERATOR_OPTIONS)
+
+
+def test_backends_import_no_model_library_before_setup():
+    """Every registered backend's class imports, and its options validate, without torch, diffusers, open_clip or
+    onnxruntime: the driver checks options (while Ray starts) and only the actors load models. Model code goes
+    in a module the backend imports in `setup` (as effnet.py, clip_model.py, telestyle_pipeline.py)."""
+    assert model_libraries_after(
+        "from styledistill import backends\n"
+        "for kind, table in backends.TABLES.items():\n"
+        "    for name in table:\n"
+        "        backends.backend_class(kind, name)"
+    ) == []
 
 
 def _set_up(kind: str, name: str, models: dict):

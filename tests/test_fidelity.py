@@ -23,7 +23,7 @@ from styledistill.generation.qwen_edit import (
     QwenEditPipeline,
     edit_sigmas,
 )
-from styledistill.generation.telestyle import TeleStyleEditPipeline
+from styledistill.generation.telestyle_pipeline import TeleStyleEditPipeline
 
 PROMPT = "Style Transfer the style of Figure 2 to Figure 1, and keep the content and characteristics of Figure 1."
 

@@ -18,13 +18,8 @@ from open_clip.transformer import QuickGELU
 from PIL import Image
 from safetensors.torch import save_file
 
-from styledistill.scoring.clip import (
-    AestheticMLP,
-    ClipLabeler,
-    ClipScorer,
-    label_for,
-    stylized_probability,
-)
+from styledistill.scoring.clip import ClipLabeler, ClipScorer, label_for
+from styledistill.scoring.clip_model import AestheticMLP, stylized_probability
 from styledistill.scoring.csd import CSDScorer
 from styledistill.scoring.dino import DinoScorer
 from tiny_vision import TINY_CLIP, TINY_CSD, tiny_csd_state, write_csd_checkpoint
@@ -117,7 +112,7 @@ def test_each_distinct_image_embedded_once_in_batches(kind, tiny_clip_weights, c
     if kind == "clip":
         owner, attribute = scorer.clip.model, "encode_image"
     elif kind == "csd":
-        owner, attribute = scorer.model, "style_embedding"
+        owner, attribute = scorer.encoder.model, "style_embedding"
     else:
         owner, attribute = scorer.model, "forward"
     original = getattr(owner, attribute)
@@ -285,7 +280,7 @@ def test_csd_uses_the_style_head_by_name(csd_weights, csd_state):
     [embedding] = scorer.embed([picture])
 
     with torch.no_grad():
-        feature = scorer.model.backbone(scorer.preprocess(Image.fromarray(picture))[None])
+        feature = scorer.encoder.model.backbone(scorer.encoder.preprocess(Image.fromarray(picture))[None])
     by_style = F.normalize(feature @ csd_state["last_layer_style"], dim=-1)[0].numpy()
     by_content = F.normalize(feature @ csd_state["last_layer_content"], dim=-1)[0].numpy()
     np.testing.assert_allclose(embedding, by_style, atol=1e-5)
@@ -295,7 +290,7 @@ def test_csd_uses_the_style_head_by_name(csd_weights, csd_state):
 def test_csd_preprocess_is_224_centre_crop(csd_weights):
     scorer = CSDScorer({"weights": csd_weights, **TINY_CSD})
     scorer.setup()
-    pixels = scorer.preprocess(Image.fromarray(image(0, (300, 500, 3))))
+    pixels = scorer.encoder.preprocess(Image.fromarray(image(0, (300, 500, 3))))
     assert pixels.shape == (3, 224, 224)
 
 

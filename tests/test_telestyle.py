@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 
 from styledistill.generation.base import GenerationRequest
 from styledistill.generation.lora import LoraLoadError, lora_layer_names, to_diffusers_lora
-from styledistill.generation.telestyle import TeleStyleEditPipeline, TeleStyleGenerator
+from styledistill.generation.telestyle import TeleStyleGenerator
+from styledistill.generation.telestyle_pipeline import TeleStyleEditPipeline
 
 PROMPT = "Style Transfer the style of Figure 2 to Figure 1, and keep the content and characteristics of Figure 1."
 # Both attention blocks of the tiny transformer; its inner dimension is 3 heads x 16 = 48.

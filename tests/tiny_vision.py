@@ -46,7 +46,7 @@ TINY_CSD = {"width": 32, "layers": 1, "heads": 2, "embed_dim": 8}
 
 def tiny_csd_state() -> dict[str, torch.Tensor]:
     """A tiny random CSD's state dict, content head first (anything relying on entry order picks wrong)."""
-    from styledistill.scoring.csd import CSDModel
+    from styledistill.scoring.csd_model import CSDModel
 
     torch.manual_seed(1)
     model = CSDModel(**TINY_CSD)

@@ -23,14 +23,12 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
-
-import torch
-from peft.tuners.lora import LoraLayer
-from safetensors import safe_open
-from safetensors.torch import load_file
+from typing import TYPE_CHECKING, Literal
 
 from styledistill.io.weights import sha256_files
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +85,8 @@ def to_diffusers_lora(
 def metadata_alpha_ratio(path: Path) -> float | None:
     """alpha / rank from the peft adapter config diffusers' `save_lora_weights` stores in the file's header
     (its files carry no `.alpha` keys); None when the file has none."""
+    from safetensors import safe_open
+
     with safe_open(str(path), "pt") as f:
         raw = (f.metadata() or {}).get("lora_adapter_metadata")
     if not raw:
@@ -144,6 +144,8 @@ def target_modules(diffusers_state_dict: dict[str, torch.Tensor]) -> set[str]:
 
 def lora_layer_names(transformer: torch.nn.Module, adapter_name: str) -> set[str]:
     """Modules of the transformer that carry a LoRA layer for `adapter_name`."""
+    from peft.tuners.lora import LoraLayer
+
     return {
         name
         for name, module in transformer.named_modules()
@@ -164,6 +166,8 @@ def load_lora(pipe, spec: LoraSpec, strict: bool = True) -> LoadedLora:
     path = Path(spec.path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file not found: {path}")
+    from safetensors.torch import load_file  # torch: only where a LoRA is loaded, not where options are checked
+
     try:
         raw = load_file(str(path))
     except Exception as err:  # safetensors raises its own error types for truncated or foreign files

@@ -11,12 +11,10 @@ is used as is.
 
 from __future__ import annotations
 
+from importlib.metadata import version
+
 import numpy as np
-import torch
-import torch.nn.functional as F
-import transformers
 from pydantic import Field
-from transformers import AutoImageProcessor, AutoModel
 
 from styledistill.backends import BackendOptions
 from styledistill.scoring.base import EmbeddingScorer, reference_cosines
@@ -37,6 +35,9 @@ class DinoScorer(EmbeddingScorer):
     Options = DinoOptions
 
     def setup(self) -> None:
+        import torch  # torch and transformers load in the actor, not in a driver checking options
+        from transformers import AutoImageProcessor, AutoModel
+
         path = model_dir(self.options.model, "DINOv2")
         self.torch_device = torch.device(self.device)
         self.dtype = torch_dtype(self.options.dtype)
@@ -47,14 +48,17 @@ class DinoScorer(EmbeddingScorer):
         self.model = model.to(self.torch_device).eval()
         self.weights_sha256 = sha256_files(sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin")))
 
-    @torch.no_grad()
     def embed(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Unit-norm CLS embeddings (after DINOv2's final layer norm), one per HxWx3 uint8 RGB image."""
+        import torch
+        import torch.nn.functional as F
+
         embeddings = []
-        for chunk in batched(images, self.options.batch_size):
-            pixels = self.processor(images=list(chunk), return_tensors="pt")["pixel_values"]
-            cls = self.model(pixel_values=pixels.to(self.torch_device, self.dtype)).pooler_output
-            embeddings.extend(F.normalize(cls.float(), dim=-1).cpu().numpy())
+        with torch.no_grad():
+            for chunk in batched(images, self.options.batch_size):
+                pixels = self.processor(images=list(chunk), return_tensors="pt")["pixel_values"]
+                cls = self.model(pixel_values=pixels.to(self.torch_device, self.dtype)).pooler_output
+                embeddings.extend(F.normalize(cls.float(), dim=-1).cpu().numpy())
         return embeddings
 
     def compare(self, features: dict[str, np.ndarray]) -> dict[str, float]:
@@ -62,9 +66,11 @@ class DinoScorer(EmbeddingScorer):
         return {"content_cos": content_cos, "leakage": style_cos - content_cos}
 
     def model_info(self) -> dict[str, str]:
+        import torch  # loaded by setup already; its version names the build (e.g. +cu130)
+
         return {
             "dino_model": self.options.model,
             "dino_weights_sha256": self.weights_sha256,
-            "transformers": transformers.__version__,
+            "transformers": version("transformers"),
             "torch": torch.__version__,
         }
