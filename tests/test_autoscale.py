@@ -3,6 +3,8 @@ that backs up grows and an idle one shrinks."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from styledistill.pipeline.autoscale import AutoscalePolicy, Decision, PoolState
@@ -91,14 +93,13 @@ def test_a_backed_up_stage_grows_and_an_idle_one_shrinks_on_ray(local_ray, sampl
         "ray.autoscale.idle_s=0.5", "ray.autoscale.backlog_s=1.0")
     prepared = prepare_run(config)
     executor = RayExecutor(config, build_stages(config))
-    models = executor.start()
+    executor.start()
     # The score pool is grown by hand at the start: with nothing for it to do yet, it must shrink back.
-    writer = ShardWriter(config, prepared.run_uri, {"config_hash": prepared.meta["config_hash"],
-                                                    "versions": prepared.meta["versions"], "models": models})
     score = [s.name for s in executor.stages].index("score")
     executor.pools[score].grow()
     results = []
-    executor.run(prepared.planner.groups(), lambda shard: False, results.append, writer)
+    executor.run(prepared.planner.groups(), lambda shard: False, results.append,
+                 functools.partial(ShardWriter.for_run, config, prepared.run_uri, prepared.meta))
     events = {(stage, kind) for _, stage, kind, _ in executor.scaling}
     assert ("generate", "grow") in events, executor.scaling
     assert ("score", "shrink") in events, executor.scaling

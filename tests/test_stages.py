@@ -84,10 +84,10 @@ def test_inline_batch_crash_becomes_failed_rows(tmp_path, sample_data):
 
     config = demo_config(sample_data, tmp_path / "run", "plan.max_photos=1")
     planner = Planner(config, [source("realistic", i) for i in range(2)], [source("stylized", i) for i in range(4)])
-    writer = ShardWriter(config, str(tmp_path / "run"), {})
     executor = InlineExecutor(config, [CrashingStage(config, "score")])
     executor.start()
-    executor.run(planner.groups(), lambda shard: False, lambda result: None, writer)
+    executor.run(planner.groups(), lambda shard: False, lambda result: None,
+                 lambda models: ShardWriter(config, str(tmp_path / "run"), {}))
     rows = pd.read_parquet(tmp_path / "run" / mf.SHARDS_DIR / "styledistill-000000.parquet")
     assert len(rows) == 4 and (rows.status == mf.FAILED).all()
     assert (rows.error == "batch failed in stage score: MemoryError: out of memory").all()

@@ -4,11 +4,13 @@ models while the scan's decode tasks run; the plan then fits them to the work (n
 from __future__ import annotations
 
 import contextlib
+import time
 
 import pytest
 
-from conftest import DEMO_CONFIG, demo_config, model_libraries_after, wait_for
+from conftest import DEMO_CONFIG, SMALL, demo_config, model_libraries_after, wait_for
 from styledistill.pipeline import run as run_module
+from styledistill.pipeline.executor import RayExecutor, StageStartError
 from styledistill.pipeline.run import run_pipeline
 from styledistill.schemas.metrics import read_metrics
 from styledistill.schemas.stages import active_stages
@@ -84,6 +86,44 @@ def test_a_scan_that_fails_stops_the_launched_actors(local_ray, actors_at_scan, 
         run_pipeline(config, report=False)
     assert actors_at_scan and len(executors) == 1  # they were up when the scan began
     assert _actors_left_after(local_ray) == []
+
+
+@pytest.mark.slow
+def test_each_stage_takes_batches_once_its_own_actors_are_up(local_ray, executors, sample_data, tmp_path,
+                                                             monkeypatch):
+    """The load stage finishes batches while the generator still loads its model; the writer starts, and the
+    throughput clock runs, once every stage is up."""
+    monkeypatch.setattr(run_module, "_room_to_scan_beside", lambda config: False)  # actors start after the scan
+    finished: dict[str, float] = {}  # stage -> seconds into the run when its first batch came back
+    real_stage_done = RayExecutor._stage_done
+
+    def stage_done(self, ref, call, state, queues):
+        finished.setdefault(self.stages[call.stage].name, time.monotonic() - self._t0)
+        return real_stage_done(self, ref, call, state, queues)
+
+    monkeypatch.setattr(RayExecutor, "_stage_done", stage_done)
+    config = demo_config(sample_data, tmp_path / "run", *SMALL, "generator.backend=benchmark_sleep",
+                         "generator.options={latency_s: 0, setup_s: 4}", "scorers=[{backend: noop}]",
+                         "filters.rules=[]", "filters.generation_rules=[]")
+    outcome = run_pipeline(config, report=False)
+
+    up = {name: stats["up_s"] for name, stats in outcome.actors.items()}
+    assert up["generate"] >= 4 and finished["load"] < up["generate"], (finished, up)
+    assert finished["generate"] > up["generate"]
+    assert executors[0].startup_s == max(up.values())
+    assert outcome.counts["failed"] == 0 and sum(outcome.counts.values()) == 24
+    assert read_metrics(str(tmp_path / "run"))["attempts"][0]["stages"]["generate"]["up_s"] == up["generate"]
+
+
+@pytest.mark.slow
+def test_a_stage_whose_actors_cannot_start_stops_the_run_naming_it(local_ray, executors, sample_data, tmp_path):
+    missing = tmp_path / "no-dino-here"
+    config = demo_config(sample_data, tmp_path / "run", *SMALL, "filters.rules=[]", "filters.generation_rules=[]",
+                         f"scorers=[{{backend: dino, options: {{model: '{missing}'}}}}]")
+    with pytest.raises(StageStartError, match=f"stage 'score' could not start: .*{missing}"):
+        run_pipeline(config, report=False)
+    assert not list((tmp_path / "run").glob("shards/*.tar"))
+    assert len(executors) == 1 and _actors_left_after(local_ray) == []
 
 
 def _cluster(monkeypatch, free_cpus: float, nodes_with_cpus: int) -> None:

@@ -1,7 +1,7 @@
 """A generator for benchmarks only, never a quality model: it sleeps a fixed time per image and returns the
 content image unchanged.
 
-It stands in for a GPU model whose latency is known (`latency_s` per image) but costs the machine no CPU,
+It stands in for a GPU model whose latency is known (`latency_s` per image, `setup_s` to load) but costs no CPU,
 so a benchmark with it measures the executor (dispatch, object passing, scaling across nodes), not the
 cores of the machine it runs on. Deterministic by construction: the output is the content image.
 """
@@ -22,9 +22,10 @@ class SleepGenerator(Generator):
 
     class Options(BackendOptions):
         latency_s: float = Field(0.1, ge=0.0, le=600.0)  # seconds slept per image
+        setup_s: float = Field(0.0, ge=0.0, le=600.0)  # seconds setup sleeps, as a real model loads its weights
 
     def setup(self) -> None:
-        pass
+        time.sleep(self.options.setup_s)
 
     def generate(self, requests: list[GenerationRequest]) -> list[np.ndarray | Exception]:
         outputs: list[np.ndarray | Exception] = []

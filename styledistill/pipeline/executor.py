@@ -10,8 +10,11 @@ batch it was running retried (`ray.batch_retries`), the batches queued behind it
 batch that keeps killing its actor is split in halves until the groups responsible are isolated and
 recorded as failed; a batch whose inputs were lost with a node starts over from the first stage.
 Lifecycle: `launch` creates the actors without waiting for them (a fresh run launches them before its scan,
-so models load meanwhile), `fit` caps them to the plan once it is known, `start` waits until their models are
-loaded, `run` streams the plan through them, and `stop` kills them all when the run ends.
+so models load meanwhile), `fit` caps them to the plan once it is known, `start` launches them if that has not
+happened, `run` streams the plan through them, and `stop` kills them all when the run ends. `run` gives a
+stage batches as soon as its own actors answer (their models loaded), so the first stages work while a
+slower one still loads; the writer starts once every stage has answered and the model ids the samples
+carry are known, and an actor whose first start fails stops the run naming its stage (StageStartError).
 A stage with `min_actors` < `max_actors` autoscales: every half second the pools are described to
 `pipeline.autoscale.AutoscalePolicy`, which grows the stage whose queue backs up (within each node's free
 resources) and retires actors idle for a while; the executor only applies its decisions.
@@ -44,6 +47,7 @@ from styledistill.schemas.records import Group, GroupWork, ShardResult
 logger = logging.getLogger(__name__)
 
 ShardCallback = Callable[[ShardResult], None]
+WriterFactory = Callable[[dict[str, dict[str, str]]], ShardWriter]  # the model ids the samples carry -> writer
 
 
 def plan_batches(groups: Iterator[Group], groups_per_batch: int, skip_shard: Callable[[int], bool]
@@ -65,23 +69,24 @@ class InlineExecutor:
     """Every stage in this process, one batch at a time: the bare loop the Ray executor is measured against."""
 
     stop_requested: Callable[[], bool] = staticmethod(lambda: False)  # Ctrl-C: set by run_pipeline
+    startup_s = 0.0  # every stage is set up by `start`, before `run` begins
 
     def __init__(self, config: RunConfig, stages: list[Stage]):
         self.config, self.stages = config, stages
+        self.models: dict[str, dict[str, str]] = {}  # the model ids the samples carry
 
-    def start(self) -> dict[str, dict[str, str]]:
-        """Set every stage up; returns the model ids the samples will carry."""
-        models: dict[str, dict[str, str]] = {}
+    def start(self) -> None:
+        """Set every stage up (load its models)."""
         for stage in self.stages:
             stage.setup()
-            models.update(stage.model_info())
-        return models
+            self.models.update(stage.model_info())
 
     def stop(self) -> None:
         """Nothing to release early: the stages live in this process."""
 
     def run(self, groups: Iterator[Group], skip_shard: Callable[[int], bool], on_shard: ShardCallback,
-            writer: ShardWriter) -> None:
+            make_writer: WriterFactory) -> None:
+        writer = make_writer(self.models)
         pending: list[tuple[list[Group], list[GroupWork]]] = []
         for shard, batch, last in plan_batches(groups, self.config.ray.groups_per_batch, skip_shard):
             if self.stop_requested():
@@ -373,9 +378,11 @@ class RayExecutor:
 
     def __init__(self, config: RunConfig, stages: list[Stage]):
         self.config, self.stages = config, stages
+        self.models: dict[str, dict[str, str]] = {}  # model ids, from each actor's first answer
+        self.startup_s = 0.0  # from the start of `run` until every stage's actors had answered
         self.faults: Counter = Counter()  # retried_batches, restarted_actors, timeouts, split_batches, ...
         self.policy = AutoscalePolicy(config.ray.autoscale.idle_s, config.ray.autoscale.backlog_s)
-        self.stage_stats: dict[str, dict] = {}  # per stage, after run: actors (min, peak, max), actor_s
+        self.stage_stats: dict[str, dict] = {}  # per stage, after run: actors (min, peak, max), actor_s, up_s
         self.scaling: list[tuple[float, str, str, int]] = []  # (s into the run, stage, grow/shrink, actors after)
         self.pools: list[_Pool] = []
         self.writers: _Pool | None = None
@@ -407,26 +414,14 @@ class RayExecutor:
                 if index not in pool.retired:
                     ray.kill(actor, no_restart=True)
 
-    def start(self) -> dict[str, dict[str, str]]:
-        """Start (or adopt the launched) actors of every stage and wait until they have loaded their models (a
-        failed start is reported by stage); returns the model ids the samples will carry."""
-        import ray
-
+    def start(self) -> None:
+        """Launch the actors if `launch` has not; returns at once (`run` waits for each stage's own actors)."""
         self.launch()
-        models: dict[str, dict[str, str]] = {}
-        for stage, pool in zip(self.stages, self.pools):
-            try:
-                infos = ray.get([a.info.remote() for a in pool.actors])
-            except ray.exceptions.RayActorError as err:
-                raise StageStartError(f"stage {stage.name!r} could not start: {_root_cause(err)}") from None
-            for info in infos:
-                models.update(info["models"])
-        return models
 
     def run(self, groups: Iterator[Group], skip_shard: Callable[[int], bool], on_shard: ShardCallback,
-            writer: ShardWriter) -> None:
-
-        self.writers = _Pool(WriterActor, self.config.stages.write, self.config.ray.batch_retries, writer, "write")
+            make_writer: WriterFactory) -> None:
+        self._make_writer = make_writer
+        self.writers = None  # started once every stage has answered: the samples' model ids are known then
         self._calls = [[deque() for _ in pool.actors] for pool in self.pools]  # per actor, refs in call order
         self._victims: set = set()  # calls queued on an actor when it died: retried without being charged
         self._culprits: set = set()  # calls running when their actor died: charged with the failure
@@ -434,9 +429,12 @@ class RayExecutor:
         self._killed: dict = {}  # call ref -> the timeout it ran past
         self._started: dict = {}  # call ref -> when it began running (the head of its actor's calls)
         self._t0 = time.monotonic()
-        for pool in self.pools:
-            pool.ready_at = {i: self._t0 for i in range(len(pool.actors))}
-            pool.idle_since = {i: self._t0 for i in range(len(pool.actors))}
+        # Every actor is pinged (info() answers once its models are loaded) and takes batches from then on.
+        self._launching = {(index, actor) for index, pool in enumerate(self.pools) for actor in range(len(pool.actors))}
+        self._up_s: dict[int, float] = {}  # stage -> seconds into the run until its first actor answered
+        for index, actor in self._launching:
+            self.pools[index].starting.add(actor)
+            self.pools[index].down[actor] = 0.0
         autoscaled = any(pool.min_actors < pool.max_actors for pool in self.pools)
         next_tick = self._t0 + self.AUTOSCALE_TICK_S
         try:
@@ -444,8 +442,9 @@ class RayExecutor:
         finally:
             now = time.monotonic()
             self.stage_stats = {stage.name: {"actors_min": pool.min_actors, "actors_max": pool.max_actors,
-                                             "actors_peak": pool.peak, "actor_s": pool.actor_seconds(now)}
-                                for stage, pool in zip(self.stages, self.pools)}
+                                             "actors_peak": pool.peak, "actor_s": pool.actor_seconds(now),
+                                             "up_s": self._up_s.get(index)}
+                                for index, (stage, pool) in enumerate(zip(self.stages, self.pools))}
 
     def _run(self, groups, skip_shard, on_shard, autoscaled: bool, next_tick: float) -> None:
         import ray
@@ -462,7 +461,7 @@ class RayExecutor:
                 exhausted = True
                 for queue in queues:
                     queue.clear()
-                if not write_queue and not any(call.stage < 0 for call in in_flight.values()):
+                if self.writers is None or (not write_queue and not any(c.stage < 0 for c in in_flight.values())):
                     return
             while not exhausted and self._room_for_more(shards):
                 item = next(batches, None)
@@ -637,13 +636,27 @@ class RayExecutor:
         stage_index, actor = self._pings.pop(ref)
         pool = self.pools[stage_index]
         try:
-            ray.get(ref)
-            pool.down.pop(actor, None)
-            if actor in pool.starting:  # a grown actor is ready: it counts from now
-                pool.starting.discard(actor)
-                pool.ready_at[actor] = pool.idle_since[actor] = time.monotonic()
-        except ray.exceptions.RayError:
+            info = ray.get(ref)
+        except ray.exceptions.RayError as err:
+            if (stage_index, actor) in self._launching:  # its first start failed (e.g. missing weights)
+                raise StageStartError(f"stage {self.stages[stage_index].name!r} could not start: "
+                                      f"{_root_cause(err)}") from None
             pool.down[actor] = time.monotonic() + 0.2  # still restarting (loading its models)
+            return
+        now = time.monotonic()
+        pool.down.pop(actor, None)
+        if actor in pool.starting:  # a new actor is ready: it counts from now
+            pool.starting.discard(actor)
+            pool.ready_at[actor] = pool.idle_since[actor] = now
+        self.models.update(info["models"])
+        if (stage_index, actor) in self._launching:
+            self._launching.discard((stage_index, actor))
+            self._up_s.setdefault(stage_index, now - self._t0)
+            if not self._launching:  # every stage is up: the samples' model ids are known
+                self.startup_s = now - self._t0
+                writer = self._make_writer(self.models)
+                self.writers = _Pool(WriterActor, self.config.stages.write, self.config.ray.batch_retries, writer,
+                                     "write")
 
     def _written(self, ref, state: _OpenShard, shard: int, queues, write_queue) -> ShardResult | None:
         """The shard's result, or None when its write must be redone (the writer or an object was lost)."""
@@ -694,7 +707,7 @@ class RayExecutor:
                 if len(calls) == 1:
                     self._started[status] = time.monotonic()
                 in_flight[status] = _Call(stage_index, actor, shard, piece, data)
-        while write_queue and (actor := self.writers.free_actor()) is not None:
+        while write_queue and self.writers is not None and (actor := self.writers.free_actor()) is not None:
             shard = write_queue.popleft()
             ref = self.writers.actors[actor].write.remote(shard, shards[shard].payload())
             self.writers.load[actor] += 1

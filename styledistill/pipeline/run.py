@@ -6,6 +6,7 @@ Rerunning the same command on the same run folder resumes it: the scan is reused
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -59,7 +60,7 @@ class RunOutcome:
     wall_s: float = 0.0
     report_path: str | None = None
     faults: Counter = field(default_factory=Counter)  # retried batches, restarted actors, timeouts, ...
-    actors: dict[str, dict] = field(default_factory=dict)  # per stage (Ray): actors min/peak/max, actor_s
+    actors: dict[str, dict] = field(default_factory=dict)  # per stage (Ray): actors min/peak/max, actor_s, up_s
 
 
 def open_run_folder(config: RunConfig, run_uri: str) -> dict:
@@ -265,13 +266,14 @@ def execute_plan(config: RunConfig, meta: dict, groups: Callable[[], Iterator[Gr
             check_cluster_fits(sized)
         executor = executor or (InlineExecutor if inline else RayExecutor)(sized, build_stages(sized))
         try:
-            models = executor.start()
-            writer = ShardWriter(config, run_uri, {"config_hash": meta["config_hash"],
-                                                   "versions": meta["versions"], "models": models})
-            start = time.perf_counter()  # throughput counts from the first batch, actors started
+            executor.start()
+            start = time.perf_counter()
             with InterruptGuard() as interrupt:
                 executor.stop_requested = interrupt
-                executor.run(counted(groups()), lambda shard: shard in done, shard_done, writer)
+                executor.run(counted(groups()), lambda shard: shard in done, shard_done,
+                             functools.partial(ShardWriter.for_run, config, run_uri, meta))
+            # Throughput counts from when every stage was up (batches the first stages ran meanwhile count too).
+            start += executor.startup_s
         finally:
             executor.stop()
         outcome.faults.update(getattr(executor, "faults", {}))
@@ -313,5 +315,5 @@ def _write_metrics(run_uri: str, config: RunConfig, outcome: RunOutcome, inline:
         if name in metrics["stages"]:
             stage = metrics["stages"][name]
             stage.update(actors=actors["actors_peak"], actors_min=actors["actors_min"],
-                         actors_max=actors["actors_max"], actor_s=actors["actor_s"])
+                         actors_max=actors["actors_max"], actor_s=actors["actor_s"], up_s=actors["up_s"])
     append_attempt(run_uri, metrics)

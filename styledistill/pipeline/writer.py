@@ -36,6 +36,12 @@ class ShardWriter:
         self.run_uri = run_uri
         self.run_meta = run_meta  # config hash, model ids, library versions: stored with every sample
 
+    @classmethod
+    def for_run(cls, config: RunConfig, run_uri: str, meta: dict, models: dict[str, dict[str, str]]) -> ShardWriter:
+        """The writer of a run folder opened with `meta` (run.open_run_folder), its stages' model ids known."""
+        return cls(config, run_uri, {"config_hash": meta["config_hash"], "versions": meta["versions"],
+                                     "models": models})
+
     def write(self, shard: int, batches: Iterable[tuple[list[Group], list[GroupWork] | str]]) -> ShardResult:
         """`batches` yields, in plan order, each batch's groups with their finished work or an error."""
         stage_seconds: Counter = Counter()

@@ -7,10 +7,12 @@ top-level fields add them up over the whole history, so readers of the older sin
     {"wall_s", "samples", "shards_written", "samples_per_s",
      "stages": {name: {"groups", "samples", "busy_s", "actors", "actor_s"}},   # whole run
      "attempts": [{"started", "wall_s", "samples", "shards_written", "shards_skipped", "samples_per_s",
-                   "executor", "stages": {name: {"groups", "samples", "busy_s", "actors"}}}, ...]}
+                   "executor", "stages": {name: {"groups", "samples", "busy_s", "actors", "up_s"}}}, ...]}
 
 `actor_s` is the actor-seconds a stage had (actors x wall, summed over attempts): a stage's utilisation over
-the run is `busy_s / actor_s`, right even when the attempts ran different actor counts.
+the run is `busy_s / actor_s`, right even when the attempts ran different actor counts. `up_s` (Ray) is how
+long into the attempt the stage's first actor had its models loaded; the stages before it worked meanwhile,
+and an attempt's `wall_s` counts from when the last stage was up.
 """
 
 from __future__ import annotations

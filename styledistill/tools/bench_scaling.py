@@ -19,6 +19,7 @@ Each measured point is a child process (its own Ray, or its own Cluster), printi
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
@@ -63,15 +64,14 @@ def _run_measured(config: RunConfig) -> dict:
 
     prepared = prepare_run(config)
     executor = RayExecutor(config, build_stages(config))
-    wall0 = time.perf_counter()
-    models = executor.start()
-    started_s = time.perf_counter() - wall0
-    writer = ShardWriter(config, prepared.run_uri, {"config_hash": prepared.meta["config_hash"],
-                                                    "versions": prepared.meta["versions"], "models": models})
+    executor.start()
     results = []
     cpu0, run0 = time.process_time(), time.perf_counter()
-    executor.run(prepared.planner.groups(), lambda shard: False, results.append, writer)
-    run_s, cpu_s = time.perf_counter() - run0, time.process_time() - cpu0
+    executor.run(prepared.planner.groups(), lambda shard: False, results.append,
+                 functools.partial(ShardWriter.for_run, config, prepared.run_uri, prepared.meta))
+    # Run time from when every stage's actors were up (their start-up is reported apart).
+    started_s = executor.startup_s
+    run_s, cpu_s = time.perf_counter() - run0 - started_s, time.process_time() - cpu0
     busy: dict[str, float] = {}
     for result in results:
         for stage, seconds in result.stage_seconds.items():
