@@ -4,8 +4,10 @@ filters, loosening included when the run kept its rejects; tightening only when 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -18,8 +20,14 @@ from styledistill.schemas.config import ConfigError
 
 pytestmark = pytest.mark.slow
 
-# Loosen one rule (promotes samples from the rejects) and tighten another (rejects accepted ones).
-CHANGE = ["filters.rules.1.min=-1", "filters.rules.3.min=0.07"]  # edges.ssim, noop.pixel_diff
+def _change(source: Path) -> list[str]:
+    """Loosen one rule (edges.ssim: promotes the samples only it rejected) and tighten another (noop.pixel_diff,
+    to just above the lowest value among the accepted samples it applies to: rejects at least that one), so
+    both directions move whatever the models' exact scores on this machine."""
+    rows = pd.concat(pd.read_parquet(p) for p in sorted((source / mf.SHARDS_DIR).glob("*.parquet")))
+    applies = rows[(rows.status == mf.ACCEPTED) & rows.recipe.isin(["rns", "sns"])]
+    cut = math.floor(applies["score.noop.pixel_diff"].min() * 1e4 + 1) / 1e4
+    return ["filters.rules.1.min=-1", f"filters.rules.3.min={cut}"]
 
 
 def _outputs(run: Path) -> dict[str, bytes]:
@@ -34,14 +42,14 @@ def runs(sample_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("refilter")
     source = demo_config(sample_data, root / "source", "output.write_rejects=true")
     run_pipeline(source, inline=True, report=False)
-    changed = demo_config(sample_data, root / "full", "output.write_rejects=true", *CHANGE)
+    changed = demo_config(sample_data, root / "full", "output.write_rejects=true", *_change(root / "source"))
     run_pipeline(changed, inline=True, report=False)
     return root
 
 
 def test_refilter_gives_the_bytes_of_a_full_run_with_the_new_filters(runs, sample_data):
     source = demo_config(sample_data, runs / "source", "output.write_rejects=true")
-    config = refiltered_config(source, str(runs / "refiltered"), None, CHANGE)
+    config = refiltered_config(source, str(runs / "refiltered"), None, _change(runs / "source"))
     outcome = refilter_run(str(runs / "source"), config)
     full, refiltered = _outputs(runs / "full"), _outputs(runs / "refiltered")
     assert full.keys() == refiltered.keys() and len(full) > 6
@@ -63,12 +71,11 @@ def test_refilter_gives_the_bytes_of_a_full_run_with_the_new_filters(runs, sampl
 def test_without_kept_rejects_refilter_can_only_tighten_and_names_what_it_cannot_promote(runs, sample_data, tmp_path):
     source = demo_config(sample_data, tmp_path / "source", "output.write_rejects=false")
     run_pipeline(source, inline=True, report=False)
-    outcome = refilter_run(str(tmp_path / "source"), refiltered_config(source, str(tmp_path / "new"), None, CHANGE))
+    change = _change(runs / "source")  # the same plan and scores as this run's
+    outcome = refilter_run(str(tmp_path / "source"), refiltered_config(source, str(tmp_path / "new"), None, change))
     assert outcome.not_promoted
     rows = json.loads((tmp_path / "new" / REFILTER_FILE).read_text())["not_promoted"]
     assert rows == outcome.not_promoted
-    import pandas as pd
-
     manifests = pd.concat(pd.read_parquet(p) for p in sorted((tmp_path / "new" / mf.SHARDS_DIR).glob("*.parquet")))
     stuck = manifests.set_index("key").loc[outcome.not_promoted]
     assert (stuck.status == mf.REJECTED).all()
@@ -94,8 +101,6 @@ def test_cli_refilter_prints_the_diff_and_writes_the_report(runs, tmp_path):
 
 def test_the_curation_loop_calibrate_then_refilter_with_the_suggested_file(runs, tmp_path):
     """Labels -> calibrate -> filters-suggested.yaml -> refilter --filters: the file is taken as it is."""
-    import pandas as pd
-
     manifests = pd.concat(pd.read_parquet(p) for p in sorted((runs / "source" / mf.SHARDS_DIR).glob("*.parquet")))
     scored = manifests[manifests.status != mf.FAILED]
     labels = tmp_path / "labels.csv"

@@ -23,7 +23,7 @@ from styledistill.schemas.config import FilterConfig, read_yaml_mapping
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(chromium_path() is None, reason="chromium not installed (.ci/run installs it)")]
-PER_CELL = 12  # the whole 12-photo demo run fits in the review
+PER_CELL = 48  # the whole 12-photo demo run (at most 48 samples) fits in the review, however it is split
 
 
 @pytest.fixture(scope="module")

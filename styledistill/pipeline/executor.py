@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 
 from styledistill.pipeline.autoscale import AutoscalePolicy, PoolState
 from styledistill.pipeline.faults import OutputWriteError, write_shard
-from styledistill.pipeline.writer import ShardWriter
 from styledistill.pipeline.faults import inject as inject_faults
 from styledistill.pipeline.stages import Stage, build_backend, run_stage
+from styledistill.pipeline.writer import ShardWriter
 from styledistill.schemas.config import ModelSpec, RunConfig
 from styledistill.schemas.stages import STAGES, StageResources
 from styledistill.schemas.records import Group, GroupWork, ShardResult
