@@ -116,6 +116,7 @@ def test_each_stage_takes_batches_once_its_own_actors_are_up(local_ray, executor
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(180)  # a start failure that went unnoticed would leave the run waiting for its actor
 def test_a_stage_whose_actors_cannot_start_stops_the_run_naming_it(local_ray, executors, sample_data, tmp_path):
     missing = tmp_path / "no-dino-here"
     config = demo_config(sample_data, tmp_path / "run", *SMALL, "filters.rules=[]", "filters.generation_rules=[]",

@@ -19,6 +19,9 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from styledistill.io.staging import staged
 
 DType = Literal["float32", "float16", "bfloat16"]
+WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".safetensors", ".npz")
+
+T = TypeVar("T")
 
 
 def torch_dtype(name: DType):
@@ -26,10 +29,6 @@ def torch_dtype(name: DType):
     import torch
 
     return getattr(torch, name)
-
-WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".safetensors", ".npz")
-
-T = TypeVar("T")
 
 
 def looks_like_path(name: str) -> bool:

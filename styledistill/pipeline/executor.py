@@ -307,11 +307,16 @@ class _Pool:
         self.peak = min(self.peak, count)
 
     def grow(self) -> int:
-        """One more actor; it takes work once it answers a ping (it is `down` until then)."""
+        """One more actor; it takes work once it answers a ping."""
         index = self._create()
-        self.starting.add(index)
-        self.down[index] = 0.0  # ping at once; the ping returns when its models are loaded
+        self.expect(index)
         return index
+
+    def expect(self, index: int) -> None:
+        """Actor `index` is starting: `down` (no work) until it answers a ping, sent at once, which returns
+        when its models are loaded; it counts as available from then."""
+        self.starting.add(index)
+        self.down[index] = 0.0
 
     def retire(self, index: int, now: float) -> None:
         import ray
@@ -429,12 +434,11 @@ class RayExecutor:
         self._killed: dict = {}  # call ref -> the timeout it ran past
         self._started: dict = {}  # call ref -> when it began running (the head of its actor's calls)
         self._t0 = time.monotonic()
-        # Every actor is pinged (info() answers once its models are loaded) and takes batches from then on.
+        # Every actor takes batches once it answers its first ping; the writers start once all have.
         self._launching = {(index, actor) for index, pool in enumerate(self.pools) for actor in range(len(pool.actors))}
         self._up_s: dict[int, float] = {}  # stage -> seconds into the run until its first actor answered
         for index, actor in self._launching:
-            self.pools[index].starting.add(actor)
-            self.pools[index].down[actor] = 0.0
+            self.pools[index].expect(actor)
         autoscaled = any(pool.min_actors < pool.max_actors for pool in self.pools)
         next_tick = self._t0 + self.AUTOSCALE_TICK_S
         try:
@@ -652,11 +656,14 @@ class RayExecutor:
         if (stage_index, actor) in self._launching:
             self._launching.discard((stage_index, actor))
             self._up_s.setdefault(stage_index, now - self._t0)
-            if not self._launching:  # every stage is up: the samples' model ids are known
-                self.startup_s = now - self._t0
-                writer = self._make_writer(self.models)
-                self.writers = _Pool(WriterActor, self.config.stages.write, self.config.ray.batch_retries, writer,
-                                     "write")
+            if not self._launching:
+                self._start_writers(now)
+
+    def _start_writers(self, now: float) -> None:
+        """Every stage is up, so the model ids the samples carry are known: the shard writers can start."""
+        self.startup_s = now - self._t0
+        writer = self._make_writer(self.models)
+        self.writers = _Pool(WriterActor, self.config.stages.write, self.config.ray.batch_retries, writer, "write")
 
     def _written(self, ref, state: _OpenShard, shard: int, queues, write_queue) -> ShardResult | None:
         """The shard's result, or None when its write must be redone (the writer or an object was lost)."""
